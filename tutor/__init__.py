@@ -1,0 +1,7 @@
+"""tutor — low-cost LLM fine-tuning, taught in notebooks and shipped as a toolkit.
+
+Importing the package is cheap on purpose: no torch, no transformers. Each
+submodule imports the heavy libraries it needs, so `tutor --help` starts fast.
+"""
+
+__version__ = "0.1.0"
