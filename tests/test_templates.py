@@ -11,6 +11,8 @@ from pathlib import Path
 
 import jinja2
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from tutor.errors import TutorError
@@ -268,6 +270,82 @@ def test_auto_needs_a_tokenizer_with_a_chat_template(smol_tokenizer):
         get_template("auto")
     with pytest.raises(TutorError, match="no chat_template"):
         get_template("auto", tokenizer=_with_template(smol_tokenizer, None))
+
+
+def _tokenizer_for_family(smol_tokenizer, name: str):
+    """The bundled tokenizer wearing family `name`'s official Jinja and special tokens."""
+    bos, eos, end_of_turn = FAMILIES[name]
+    tok = _with_template(smol_tokenizer, (FIXTURES / f"{name}.jinja").read_text())
+    specials = {bos, eos, end_of_turn.strip(), *get_template(name).stop_words} - {""}
+    tok.add_special_tokens({"additional_special_tokens": sorted(specials)})
+    tok.bos_token, tok.eos_token = bos or None, eos or None
+    return tok
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_auto_on_each_official_jinja_agrees_with_the_named_template(smol_tokenizer, name):
+    """`auto` knows nothing of the family, yet finds the same trainable text."""
+    auto = get_template("auto", tokenizer=_tokenizer_for_family(smol_tokenizer, name))
+    named = get_template(name)
+    assert auto.stop_words[0] == named.stop_words[0]
+    checked = 0
+    for messages in CONVERSATIONS.values():
+        for agp in (False, True):
+            try:
+                expected = named.segments(messages, agp)
+            except TutorError:
+                continue
+            segments = auto.segments(messages, agp)
+            assert "".join(s.text for s in segments) == named.render(messages, agp)
+            assert trainable_runs(segments) == trainable_runs(expected)
+            checked += 1
+    assert checked >= 12  # at least six conversations, with and without generation prompt
+
+
+# ---------------------------------------------------------------- random conversations
+
+_TEXT = st.one_of(
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=12),
+    st.sampled_from([" ", "\n", "  x  ", "<|im_end|>", "</s>", "[INST]", "ASSISTANT:", "你好"]),
+)
+
+
+@st.composite
+def conversations(draw):
+    """Optional system message, then user/assistant turns alternating from the user."""
+    n = draw(st.integers(1, 5))
+    messages = [_m("system", draw(_TEXT))] if draw(st.booleans()) else []
+    messages += [_m(("user", "assistant")[i % 2], draw(_TEXT)) for i in range(n)]
+    return messages
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+@settings(max_examples=25, deadline=None)
+@given(messages=conversations(), add_generation_prompt=st.booleans())
+def test_random_conversations_render_like_official(name, messages, add_generation_prompt):
+    template = get_template(name)
+    try:
+        expected = official(name, messages, add_generation_prompt)
+    except jinja2.TemplateError:
+        with pytest.raises(TutorError):
+            template.render(messages, add_generation_prompt)
+        return
+    segments = template.segments(messages, add_generation_prompt)
+    assert "".join(s.text for s in segments) == expected
+    eot = FAMILIES[name][2]
+    assert trainable_runs(segments) == expected_runs(messages, eot, name in STRIPPING)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(messages=conversations(), add_generation_prompt=st.booleans())
+def test_random_conversations_auto(smol_tokenizer, messages, add_generation_prompt):
+    auto = get_template("auto", tokenizer=smol_tokenizer)
+    segments = auto.segments(messages, add_generation_prompt)
+    expected = smol_tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    assert "".join(s.text for s in segments) == expected
+    assert trainable_runs(segments) == expected_runs(messages, "<|im_end|>", strip=False)
 
 
 # ---------------------------------------------------------------- bad input
