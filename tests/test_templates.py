@@ -336,7 +336,9 @@ def test_random_conversations_render_like_official(name, messages, add_generatio
     assert trainable_runs(segments) == expected_runs(messages, eot, name in STRIPPING)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(messages=conversations(), add_generation_prompt=st.booleans())
 def test_random_conversations_auto(smol_tokenizer, messages, add_generation_prompt):
     auto = get_template("auto", tokenizer=smol_tokenizer)
