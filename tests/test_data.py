@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from tutor.data import IGNORE_INDEX, adds_bos, encode, encode_dataset, load_conversations
 from tutor.errors import TutorError
-from tutor.templates import get_template
+from tutor.templates import get_template, list_templates
 
 IM_START, IM_END, NL = 1, 2, 198
 ASSISTANT_HEADER = [IM_START, 520, 9531]  # "<|im_start|>" "ass" "istant"
@@ -317,3 +317,41 @@ def _dataset(conversations):
     import datasets
 
     return datasets.Dataset.from_dict({"messages": conversations})
+
+
+CHATML_VOCAB = ("auto", "chatml", "default", "qwen_chat", "internlm2_chat")
+
+
+@pytest.mark.parametrize("name", list_templates())
+def test_every_named_template_masks_its_answers(tok, name):
+    """Any template on the bundled tokenizer: ids are the whole rendered text tokenised once,
+    each answer + end-of-turn text is trained, no user/system text is. Templates whose markers
+    are special tokens of this vocabulary (ChatML family) train exactly the trainable segments;
+    foreign markers are plain text here, so BPE may merge a boundary character into a trained
+    token (e.g. Mistral's space before the answer) — the answer is still fully covered."""
+    msgs = [u("Hi there"), a("Hello! How can I help?"), u("Who are you?"), a("I am Pico.")]
+    template = get_template(name, tok)
+    segments = template.segments(msgs)
+    sample = encode(msgs, tok, name)
+    assert sample["input_ids"] == tok(template.render(msgs), add_special_tokens=False)["input_ids"]
+    runs, run = [], []
+    for t in sample["labels"] + [IGNORE_INDEX]:
+        if t != IGNORE_INDEX:
+            run.append(t)
+        elif run:
+            runs, run = runs + [tok.decode(run)], []
+    answers, previous = [], False  # runs of consecutive trainable segments: content + eot
+    for seg in segments:
+        if seg.trainable and previous:
+            answers[-1] += seg.text
+        elif seg.trainable:
+            answers.append(seg.text)
+        previous = seg.trainable
+    assert len(runs) == len(answers) == 2
+    for got, want in zip(runs, answers, strict=True):
+        assert want in got and len(got) - len(want) <= 2, (got, want)
+    untrained = tok.decode([t for t, lab in zip(sample["input_ids"], sample["labels"],
+                                                 strict=True) if lab == IGNORE_INDEX])
+    assert "Hi there" in untrained and "Who are you?" in untrained and "Pico" not in untrained
+    if name in CHATML_VOCAB:
+        assert runs == answers
