@@ -189,6 +189,17 @@ def test_segment_wise_tokenisation_would_differ(tok):
     assert encode(msgs, tok)["input_ids"] == whole
 
 
+def test_straddling_tokens_are_counted(tok):
+    from tutor.data import encode_sample
+
+    def straddling(msgs, template="auto"):
+        return encode_sample(msgs, tok, template, None, "all")[1].straddling
+
+    assert straddling([u("list"), a("\n\n- step")]) == 1  # the header's ⏎ merged into "⏎⏎"
+    assert straddling([u("Hi"), a("Hello"), u("again"), a("你好")]) == 0
+    assert straddling([u("Hi"), a("Hello")], "mistral") == 1  # "[/INST]" + " Hello" → " Hello"
+
+
 def test_train_on_last(tok):
     msgs = [u("one"), a("1"), u("two"), a("2")]
     full, last = encode(msgs, tok), encode(msgs, tok, train_on="last")

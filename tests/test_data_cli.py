@@ -31,17 +31,20 @@ def test_check_names_the_broken_line(tmp_path, capsys):
     good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     lines = [json.dumps(good), '{"messages": [', json.dumps({"text": "x"}), json.dumps(good),
              json.dumps({"messages": [{"role": "user", "content": "long " * 80},
-                                      {"role": "assistant", "content": "a"}]})]
+                                      {"role": "assistant", "content": "a"}]}),
+             json.dumps({"messages": [{"role": "user", "content": "q"},
+                                      {"role": "assistant", "content": "\n\n- a list"}]})]
     path = tmp_path / "broken.jsonl"
     path.write_text("\n".join(lines) + "\n")
     assert main(["data", "check", str(path), "--max-length", "64"]) == 1
     out = capsys.readouterr().out
-    assert f"{path}: format openai, 5 records, 3 conversations ok, 3 errors, 2 warnings" in out
+    assert f"{path}: format openai, 6 records, 4 conversations ok, 3 errors, 3 warnings" in out
     assert f"{path}:2: error: invalid JSON: Expecting value" in out
     assert f"{path}:3: error: expected a 'openai' record with keys messages" in out
     assert f"{path}:4: warning: duplicate of {path}:1" in out
     assert f"{path}:5: warning: truncated from " in out
     assert f"{path}:5: error: no trainable token left after truncation to 64 tokens" in out
+    assert f"{path}:6: warning: 1 token(s) merge template text with answer text" in out
 
 
 def test_convert_csv_to_messages_jsonl(tmp_path, capsys):

@@ -93,13 +93,14 @@ def encode_sample(
     template: str | ChatTemplate,
     max_length: int | None,
     train_on: str,
-) -> tuple[Sample, bool]:
-    """`encode` without the empty-mask check (callers count empty samples); also
-    returns whether it truncated."""
+) -> tuple[Sample, EncodeInfo]:
+    """`encode` without the empty-mask check (callers count empty samples), plus an
+    `EncodeInfo` saying what happened on the way."""
     _check_options(max_length, train_on)
     messages = validate_messages(messages)
     if is_pretraining(messages):
         ids, labels = _encode_text(messages[0]["content"], tokenizer)
+        straddling = 0
     else:
         if not getattr(tokenizer, "is_fast", False):
             raise TutorError("encode needs a fast tokenizer (character offsets); "
@@ -107,11 +108,20 @@ def encode_sample(
         segments = _template(template, tokenizer).segments(messages)
         if train_on == "last":
             segments = _only_last_answer(segments)
-        ids, labels = _encode_segments(segments, tokenizer)
+        ids, labels, straddling = _encode_segments(segments, tokenizer)
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
         ids, labels = ids[:max_length], labels[:max_length]
-    return {"input_ids": ids, "labels": labels}, truncated
+    return {"input_ids": ids, "labels": labels}, EncodeInfo(len(ids), truncated, straddling)
+
+
+@dataclass(frozen=True)
+class EncodeInfo:
+    """Side facts about one encoded sample (`tutor data check` reports them)."""
+
+    length: int  # tokens after truncation
+    truncated: bool
+    straddling: int  # tokens that BPE merged across a trained/untrained boundary
 
 
 def _check_options(max_length: int | None, train_on: str) -> None:
@@ -139,23 +149,29 @@ def _only_last_answer(segments: list[Segment]) -> list[Segment]:
 
 def _encode_segments(
     segments: list[Segment], tokenizer: PreTrainedTokenizerBase
-) -> tuple[list[int], list[int]]:
-    """Tokenise the joined text once; label each token by the characters it covers."""
+) -> tuple[list[int], list[int], int]:
+    """Tokenise the joined text once; label each token by the characters it covers.
+
+    Also counts the tokens that cover trainable *and* untrained characters: harmless
+    but worth a warning (the template's markers may not be tokens of this vocabulary).
+    """
     text = "".join(s.text for s in segments)
     trained_before = [0]  # trained_before[c] = number of trainable characters in text[:c]
     for seg in segments:
         for _ in seg.text:
             trained_before.append(trained_before[-1] + seg.trainable)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, labels = list(enc["input_ids"]), []
+    ids, labels, straddling = list(enc["input_ids"]), [], 0
     for tid, (start, end) in zip(ids, enc["offset_mapping"], strict=True):
-        end = max(end, start + 1)  # a zero-width token is judged by the character it sits on
-        covered = trained_before[min(end, len(text))] - trained_before[min(start, len(text))]
+        start, end = min(start, len(text)), min(max(end, start + 1), len(text))
+        # (a zero-width token is judged by the character it sits on)
+        covered = trained_before[end] - trained_before[start]
         labels.append(tid if covered > 0 else IGNORE_INDEX)
+        straddling += 0 < covered < end - start
     bos = tokenizer.bos_token_id
     if bos is not None and ids[:2] == [bos, bos]:
         raise TutorError("the template renders BOS twice at the start; fix its bos setting")
-    return ids, labels
+    return ids, labels, straddling
 
 
 def _encode_text(text: str, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
@@ -248,11 +264,11 @@ def encode_dataset(
 
 def _encode_row(row: dict[str, Any], index: int, **kwargs: Any) -> dict[str, Any]:
     try:
-        sample, truncated = encode_sample(row["messages"], **kwargs)
+        sample, info = encode_sample(row["messages"], **kwargs)
     except TutorError as exc:
         raise TutorError(f"dataset row {index}: {exc}") from exc
     n = sum(label != IGNORE_INDEX for label in sample["labels"])
-    return {**sample, "num_trainable": n, "truncated": truncated}
+    return {**sample, "num_trainable": n, "truncated": info.truncated}
 
 
 def _cache_file(dataset: datasets.Dataset, kwargs: dict[str, Any], cache_dir: str | Path | None,

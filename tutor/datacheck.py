@@ -6,7 +6,11 @@ and collects every problem with its ``file:line``:
 - errors (exit code 1): unreadable lines, records that do not fit the format, a
   conversation the template rejects, a sample with no trainable token left after
   truncation to ``max_length``;
-- warnings: empty assistant answers, duplicate conversations, truncated samples.
+- warnings: empty assistant answers, duplicate conversations, truncated samples, and
+  tokens that BPE merged across the answer boundary (TRL's "the prompt must be a prefix
+  of prompt + answer" check: such a token is trained, but the prompt at inference ends
+  differently than in training — usually an answer that starts with a newline, or a
+  template whose markers are not tokens of this tokenizer).
 
 It also counts records, turns per role, token lengths (with a terminal histogram)
 and the share of tokens that are trained.
@@ -109,7 +113,7 @@ def _check_conversation(report: CheckReport, where: str, messages: list[dict[str
         report.problems.append(Problem(where, level, message))
 
     try:
-        sample, _ = encode_sample(messages, tokenizer, template, None, "all")
+        sample, info = encode_sample(messages, tokenizer, template, None, "all")
     except TutorError as exc:
         problem("error", _strip_where(str(exc), where))
         return
@@ -125,6 +129,9 @@ def _check_conversation(report: CheckReport, where: str, messages: list[dict[str
     if trained == 0:
         problem("error", f"no trainable token left after truncation to {report.max_length} "
                          f"tokens (the sample has {full}); it would be dropped")
+    if info.straddling:
+        problem("warning", f"{info.straddling} token(s) merge template text with answer text "
+                           "(does an answer start with whitespace?)")
     report.lengths.append(len(labels))
     report.trainable_tokens += trained
     for i, m in enumerate(messages):
