@@ -253,6 +253,18 @@ def test_truncation_keeps_the_mask_and_empty_masks_raise(tok):
         first_trained]
 
 
+def test_empty_answer_without_end_of_turn_text_is_an_error(tok):
+    import copy
+
+    plain = copy.deepcopy(tok)
+    plain.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    labels = encode([u("q"), a("yes")], plain)["labels"]
+    assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == " yes"  # " yes" straddles
+    with pytest.raises(TutorError, match="no trainable token: the answers are empty and the "
+                                         "template has no end-of-turn text"):
+        encode([u("q"), a("")], plain)
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"train_on": "first"}, "train_on must be one of all, last, not 'first'"),
     ({"max_length": 0}, "max_length must be a positive integer or None, not 0"),

@@ -82,6 +82,9 @@ def encode(
     """
     sample, _ = encode_sample(messages, tokenizer, template, max_length, train_on)
     if all(label == IGNORE_INDEX for label in sample["labels"]):
+        if max_length is None:  # only a template with no end-of-turn text and an empty answer
+            raise TutorError("no trainable token: the answers are empty and the template has "
+                             "no end-of-turn text")
         raise TutorError(f"no trainable token left after truncation to max_length={max_length}: "
                          "raise max_length or shorten the prompt")
     return sample
