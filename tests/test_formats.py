@@ -127,21 +127,23 @@ def test_mixed_formats_fail_on_the_first_mismatch(tmp_path):
 
 
 @pytest.mark.parametrize(("name", "content", "message"), [
-    ("d.txt", "x", "unsupported file type '.txt'; use .jsonl, .json, .csv"),
-    ("d.json", '{"messages": []}', "1: a .json file must hold a list of records"),
-    ("d.json", '[{"text": "a"} {"text": "b"}]', "1: invalid JSON: expected ',' or ']'"),
-    ("d.json", '[\n{"text": "a"},\n{"text": }]', "3: invalid JSON: Expecting value"),
-    ("d.csv", "", "1: empty CSV; expected a header row"),
-    ("d.csv", "question,answer\na,b,c\n", "2: expected 2 columns (question,answer)"),
-    ("d.csv", "question,answer\na\n", "2: expected 2 columns (question,answer)"),
+    ("d.txt", "x", ": unsupported file type '.txt'; use .jsonl, .json, .csv"),
+    ("d.json", '{"messages": []}', ":1: a .json file must hold a list of records"),
+    ("d.json", '[{"text": "a"} {"text": "b"}]', ":1: invalid JSON: expected ',' or ']'"),
+    ("d.json", '[\n{"text": "a"},\n{"text": }]', ":3: invalid JSON: Expecting value"),
+    ("d.csv", "", ":1: empty CSV; expected a header row"),
+    ("d.csv", "question,answer\n", ": no records"),
+    ("d.json", " [ ] ", ": no records"),
+    ("d.jsonl", "\n\n", ": no records"),
+    ("d.csv", "question,answer\na,b,c\n", ":2: expected 2 columns (question,answer)"),
+    ("d.csv", "question,answer\na\n", ":2: expected 2 columns (question,answer)"),
 ])
 def test_bad_files(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_text(content)
     with pytest.raises(TutorError) as err:
         load_conversations(path)
-    sep = ": " if message.startswith("unsupported") else ":"
-    assert str(err.value).startswith(f"{path}{sep}{message}")
+    assert str(err.value).startswith(f"{path}{message}")
 
 
 def test_missing_file_non_utf8_and_wrong_sources(tmp_path):
