@@ -8,6 +8,7 @@ and friends inside its own handler.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -171,6 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ntutor: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `tutor data check FILE | head` closed our stdout early: not an error of ours.
+        # Point stdout at devnull so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
