@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import bisect
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from tutor.errors import TutorError
 
@@ -42,8 +42,8 @@ MASK_BACKENDS = ("sdpa", "eager")  # get a 4-D mask
 VARLEN_BACKENDS = ("flash_attention_2", "flash_attention_3")  # get position_ids only
 
 Sample = dict[str, list[int]]  # {"input_ids": [...], "labels": [...]} of equal length
-# A pack: the concatenated samples, their lengths in order, and their indices in the input.
-Pack = dict[str, list[int]]  # {"input_ids", "labels", "seq_lens", "indices"}
+# A pack: the concatenated samples, positions restarting at 0 per sample, input indices.
+Pack = dict[str, list[int]]  # {"input_ids", "labels", "position_ids", "indices"}
 
 
 @dataclass
@@ -74,7 +74,7 @@ class Packs(Sequence):
             "strategy": self.strategy,
             "max_length": self.max_length,
             "packs": len(self.packs),
-            "samples": sum(len(p["seq_lens"]) for p in self.packs),
+            "samples": sum(len(p["indices"]) for p in self.packs),
             "tokens": sum(self.lengths),
             "utilisation": self.utilisation,
             "truncated": self.truncated,
@@ -85,7 +85,9 @@ class Packs(Sequence):
 def _check_sample(i: int, s: Any) -> int:
     """Length of sample `i`, or a TutorError naming what is wrong with it."""
     if not isinstance(s, dict) or "input_ids" not in s or "labels" not in s:
-        raise TutorError(f"sample {i}: expected a dict with 'input_ids' and 'labels' (from encode())")
+        raise TutorError(
+            f"sample {i}: expected a dict with 'input_ids' and 'labels' (from encode())"
+        )
     n = len(s["input_ids"])
     if n == 0:
         raise TutorError(f"sample {i}: 'input_ids' is empty")
@@ -146,9 +148,9 @@ def pack(
     shuffles samples (greedy) or ties and the order of packs (bfd), reproducibly.
 
     >>> s = lambda n: {"input_ids": [1] * n, "labels": [1] * n}
-    >>> [p["seq_lens"] for p in pack([s(3), s(6), s(2), s(4)], 8)]
+    >>> [seq_lens(p) for p in pack([s(3), s(6), s(2), s(4)], 8)]
     [[6, 2], [4, 3]]
-    >>> [p["seq_lens"] for p in pack([s(3), s(6), s(2), s(4)], 8, strategy="greedy")]
+    >>> [seq_lens(p) for p in pack([s(3), s(6), s(2), s(4)], 8, strategy="greedy")]
     [[3], [6, 2], [4]]
     """
     if strategy not in STRATEGIES:
@@ -178,19 +180,31 @@ def pack(
     if seed is not None and strategy == "bfd":
         rng.shuffle(bins)  # otherwise the longest samples would all come first
     packs = [_join([kept[i] for i in b], b) for b in bins]
-    return Packs(packs, max_length, strategy, truncated, dropped, [sum(p["seq_lens"]) for p in packs])
+    return Packs(
+        packs, max_length, strategy, truncated, dropped, [len(p["input_ids"]) for p in packs]
+    )
 
 
 def _join(samples: list[Sample], indices: list[int]) -> Pack:
     return {
         "input_ids": [t for s in samples for t in s["input_ids"]],
         "labels": [t for s in samples for t in s["labels"]],
-        "seq_lens": [len(s["input_ids"]) for s in samples],
-        "indices": list(indices),
+        # Restarting positions mark where each sample begins. They are also a forward
+        # argument of the model, so Trainer's remove_unused_columns keeps them.
+        "position_ids": [k for s in samples for k in range(len(s["input_ids"]))],
+        "indices": list(indices),  # informational; Trainer drops it before collate
     }
 
 
-def padding_utilisation(lengths: Sequence[int], batch_size: int, max_length: int | None = None) -> float:
+def seq_lens(p: Pack) -> list[int]:
+    """Lengths of the samples in pack `p`, read from its restarting ``position_ids``."""
+    starts = [k for k, pos in enumerate(p["position_ids"]) if pos == 0]
+    return [b - a for a, b in zip(starts, starts[1:] + [len(p["position_ids"])], strict=True)]
+
+
+def padding_utilisation(
+    lengths: Sequence[int], batch_size: int, max_length: int | None = None
+) -> float:
     """The baseline without packing: real tokens / slots when batches are padded.
 
     Batches are `batch_size` consecutive samples; each row is padded to the longest in its
@@ -246,32 +260,35 @@ def collate(
     """
     import torch
 
-    if attn_implementation in VARLEN_BACKENDS:
-        packs = [_flatten(packs)]
-    elif attn_implementation not in MASK_BACKENDS:
+    if attn_implementation not in MASK_BACKENDS + VARLEN_BACKENDS:
         raise TutorError(
             f"collate: attn_implementation={attn_implementation!r} is not supported; "
             f"use one of {', '.join(MASK_BACKENDS + VARLEN_BACKENDS)}"
         )
-    L = max(sum(p["seq_lens"]) for p in packs)
-    B = len(packs)
+    if not packs:
+        raise TutorError("collate: got no packs")
+    for r, p in enumerate(packs):
+        if not isinstance(p, dict) or not {"input_ids", "labels", "position_ids"} <= p.keys():
+            raise TutorError(
+                f"collate: pack {r} lacks input_ids/labels/position_ids; build it with pack()"
+            )
+    if attn_implementation in VARLEN_BACKENDS:
+        packs = [_flatten(packs)]
+    B, L = len(packs), max(len(p["input_ids"]) for p in packs)
     input_ids = torch.full((B, L), pad_token_id, dtype=torch.long)
     labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((B, L), dtype=torch.long)
-    segment = torch.zeros((B, L), dtype=torch.long)  # which sample each token belongs to
+    position_ids = torch.arange(L).repeat(B, 1)  # (B, L); real part overwritten below
     for r, p in enumerate(packs):
-        n = sum(p["seq_lens"])
+        n = len(p["input_ids"])
         input_ids[r, :n] = torch.tensor(p["input_ids"])
         labels[r, :n] = torch.tensor(p["labels"])
-        start = 0
-        for k, m in enumerate(p["seq_lens"] + [L - n]):  # the padding tail is the last block
-            position_ids[r, start : start + m] = torch.arange(m)
-            segment[r, start : start + m] = k
-            if k < len(p["seq_lens"]):
-                labels[r, start] = IGNORE_INDEX  # never a target for the previous sample
-            start += m
+        position_ids[r, :n] = torch.tensor(p["position_ids"])
+        position_ids[r, n:] -= n  # the padding tail counts from 0: a block of its own
+    starts = position_ids == 0  # (B, L) first token of each sample (and of the padding)
+    labels[starts] = IGNORE_INDEX  # never a target for the previous sample's last token
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
     if attn_implementation in MASK_BACKENDS:
+        segment = starts.cumsum(-1)  # (B, L) which block each token is in
         causal = torch.ones(L, L, dtype=torch.bool).tril()
         allowed = (segment[:, :, None] == segment[:, None, :]) & causal  # (B, L, L)
         allowed = allowed[:, None]  # (B, 1, L, L): one mask shared by all heads
@@ -285,13 +302,15 @@ def collate(
 
 def _flatten(packs: Sequence[Pack]) -> Pack:
     """All packs as one long pack (the flash-attention varlen layout)."""
-    return {k: [x for p in packs for x in p[k]] for k in ("input_ids", "labels", "seq_lens")}
+    return {k: [x for p in packs for x in p[k]] for k in ("input_ids", "labels", "position_ids")}
 
 
 def collator_for(model: Any, pad_token_id: int = 0) -> Callable[[Sequence[Pack]], dict]:
     """`collate` set up for `model`'s attention backend and dtype (a Trainer data_collator)."""
     impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    return partial(collate, attn_implementation=impl, pad_token_id=pad_token_id, mask_dtype=model.dtype)
+    return partial(
+        collate, attn_implementation=impl, pad_token_id=pad_token_id, mask_dtype=model.dtype
+    )
 
 
 class PackedDataset:
