@@ -30,7 +30,7 @@ def test_pack_bfd_and_greedy_exact():
     assert bfd[0]["input_ids"] == samples[1]["input_ids"] + samples[2]["input_ids"]
     assert [p["indices"] for p in pack(samples, 8, strategy="greedy")] == [[0], [1, 2], [3]]
     assert bfd.stats() == {
-        "strategy": "bfd", "max_length": 8, "packs": 2, "samples": 4, "tokens": 15,
+        "strategy": "bfd", "max_length": 8, "packs": 2, "min_packs": 2, "samples": 4, "tokens": 15,
         "utilisation": 15 / 16, "truncated": 0, "dropped": 0,
     }  # fmt: skip
 
@@ -86,6 +86,7 @@ def test_pack_properties(lengths, max_length, seed, strategy, overflow):
     samples = [sample(n, start=1000 * i) for i, n in enumerate(lengths)]  # ids unique overall
     packs = pack(samples, max_length, strategy, overflow, seed)
     assert all(len(p["input_ids"]) <= max_length for p in packs)
+    assert len(packs) >= packs.min_packs
     kept = [i for i, n in enumerate(lengths) if n <= max_length or overflow == "truncate"]
     assert sorted(i for p in packs for i in p["indices"]) == kept  # none lost or duplicated
     tokens = sorted(t for p in packs for t in p["input_ids"])
@@ -316,3 +317,21 @@ def test_packed_dataset_trains_in_trainer_and_repacks_each_epoch(tmp_path):
     ]
     assert [p["indices"] for p in ds.packs] != first
     assert torch.isfinite(torch.tensor(result.training_loss))
+
+
+# ---------------------------------------------------------------- plot
+
+
+def test_plot_packing_draws_each_sample_and_the_padding():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from tutor.viz import plot_packing
+
+    samples = [sample(n) for n in (3, 6, 2, 4)]
+    fig = plot_packing({"bfd": pack(samples, 8), "greedy": pack(samples, 8, "greedy")})
+    (bfd_rows, bfd_hist), (greedy_rows, _h) = fig.axes[:2], fig.axes[2:]
+    assert [p.get_width() for p in bfd_rows.patches] == [6, 2, 0, 4, 3, 1]  # samples, padding
+    assert [p.get_width() for p in greedy_rows.patches] == [3, 5, 6, 2, 0, 4, 4]
+    assert bfd_rows.get_title() == "bfd: 2 packs (min 2), utilisation 93.8%"
+    assert sum(p.get_height() for p in bfd_hist.patches) == 2  # two packs in the histogram

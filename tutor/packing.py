@@ -68,12 +68,18 @@ class Packs(Sequence):
         """Real tokens / slots, every pack counted as a full row of ``max_length``."""
         return sum(self.lengths) / (len(self.packs) * self.max_length) if self.packs else 0.0
 
+    @property
+    def min_packs(self) -> int:
+        """Fewest packs any packer could use: ceil(tokens / max_length)."""
+        return -(-sum(self.lengths) // self.max_length)
+
     def stats(self) -> dict[str, Any]:
         """Counts and utilisation, ready to print or log."""
         return {
             "strategy": self.strategy,
             "max_length": self.max_length,
             "packs": len(self.packs),
+            "min_packs": self.min_packs,
             "samples": sum(len(p["indices"]) for p in self.packs),
             "tokens": sum(self.lengths),
             "utilisation": self.utilisation,
