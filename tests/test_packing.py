@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -335,3 +337,32 @@ def test_plot_packing_draws_each_sample_and_the_padding():
     assert [p.get_width() for p in greedy_rows.patches] == [3, 5, 6, 2, 0, 4, 4]
     assert bfd_rows.get_title() == "bfd: 2 packs (min 2), utilisation 93.8%"
     assert sum(p.get_height() for p in bfd_hist.patches) == 2  # two packs in the histogram
+
+
+# ---------------------------------------------------------------- the bundled model, real data
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def course_samples(tokenizer) -> list[dict[str, list[int]]]:
+    """The assistant + geography QA datasets, encoded with the model's own template."""
+    from tutor.data import encode, load_conversations
+
+    convs = [m for f in ("assistant.jsonl", "geography_qa.jsonl")
+             for m in load_conversations(DATA / f)["messages"]]  # fmt: skip
+    return [encode(m, tokenizer) for m in convs]
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_bundled_model_packed_equals_unpacked_on_course_data(bundled):
+    model, tokenizer = bundled
+    samples = course_samples(tokenizer)
+    assert len(samples) == 236
+    packs = pack(samples, 256, seed=0)
+    chosen = [
+        packs[i]
+        for i in torch.randperm(len(packs), generator=torch.Generator().manual_seed(0))[:3].tolist()
+    ]
+    assert all(len(p["indices"]) >= 3 for p in chosen)
+    check_packed_equals_unpacked(model, samples, chosen, collator_for(model), 1e-4, 1e-3)
