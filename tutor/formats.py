@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from tutor.errors import TutorError
+from tutor.templates import check_messages
 
 Message = dict[str, str]
-ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "system": "system"}
 # Detection order matters: the first format whose keys a record has wins.
@@ -97,7 +97,7 @@ def to_messages(record: Mapping[str, Any], fmt: str, where: str) -> list[Message
     keys = FORMAT_KEYS[fmt]
     missing = [k for k in keys if k not in record]
     if missing:
-        raise TutorError(f"{where}: expected a {fmt} record with keys {', '.join(keys)}; "
+        raise TutorError(f"{where}: expected a '{fmt}' record with keys {', '.join(keys)}; "
                          f"missing {', '.join(missing)} (got {sorted(record)})")
     messages: list[Message]
     if fmt == "openai":
@@ -145,35 +145,28 @@ def to_messages(record: Mapping[str, Any], fmt: str, where: str) -> list[Message
 
 
 def validate_messages(messages: Any, where: str = "messages") -> list[Message]:
-    """Check the conversation shape every later step relies on; return it unchanged.
+    """Check the conversation shape every later step relies on; return it as a list.
 
-    Rules: a non-empty list of {role, content} objects with string content; roles from
-    `ROLES`; a system message only first; at least one assistant message (otherwise
-    nothing can be trained).
+    The shape rules are `tutor.templates.check_messages` (non-empty list, known roles,
+    string content, system only first); on top, a conversation needs at least one
+    assistant message, otherwise nothing can be trained. Errors are prefixed by `where`.
     """
-    if not isinstance(messages, list) or not messages:
-        raise TutorError(f"{where}: expected a non-empty list of messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping) or not {"role", "content"} <= set(m):
-            raise TutorError(f"{where}: message {i} must be an object with 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise TutorError(f"{where}: message {i}: role '{m['role']}' is not one of "
-                             f"{'/'.join(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise TutorError(f"{where}: message {i}: content must be a string, "
-                             f"not {type(m['content']).__name__}")
-        if m["role"] == "system" and i > 0:
-            raise TutorError(f"{where}: message {i}: a system message may only come first")
+    try:
+        messages = check_messages(messages, system_first=True)
+    except TutorError as exc:
+        raise TutorError(f"{where}: {exc}") from exc
     if not any(m["role"] == "assistant" for m in messages):
         raise TutorError(f"{where}: no assistant message, so nothing to train on")
     return messages
 
 
-def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
+def read_records(path: str | Path, strict: bool = True) -> Iterator[tuple[str, Any]]:
     """Yield ``("file:line", record)`` for every record of a .jsonl, .json or .csv file.
 
     Blank JSONL lines are skipped. For CSV the line is where the row starts (a quoted
-    field may span several lines).
+    field may span several lines). With ``strict=False`` a broken JSONL line or CSV row
+    is yielded as ``(where, TutorError)`` and reading goes on (a JSON array cannot be
+    resynchronised after a syntax error, so it always raises).
     """
     path = Path(path)
     if path.suffix not in SUFFIXES:
@@ -186,21 +179,25 @@ def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     except UnicodeDecodeError as exc:
         raise TutorError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     if path.suffix == ".jsonl":
-        yield from _jsonl(text, path)
+        yield from _jsonl(text, path, strict)
     elif path.suffix == ".json":
         yield from _json_array(text, path)
     else:
-        yield from _csv(text, path)
+        yield from _csv(text, path, strict)
 
 
-def _jsonl(text: str, path: Path) -> Iterator[tuple[str, Any]]:
+def _jsonl(text: str, path: Path, strict: bool) -> Iterator[tuple[str, Any]]:
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            yield f"{path}:{n}", json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise TutorError(f"{path}:{n}: invalid JSON: {exc.msg} (column {exc.colno})") from exc
+            error = TutorError(f"{path}:{n}: invalid JSON: {exc.msg} (column {exc.colno})")
+            if strict:
+                raise error from exc
+            record = error
+        yield f"{path}:{n}", record
 
 
 def _json_array(text: str, path: Path) -> Iterator[tuple[str, Any]]:
@@ -232,15 +229,17 @@ def _json_array(text: str, path: Path) -> Iterator[tuple[str, Any]]:
             raise TutorError(f"{path}:{line}: invalid JSON: expected ',' or ']' between records")
 
 
-def _csv(text: str, path: Path) -> Iterator[tuple[str, Any]]:
+def _csv(text: str, path: Path, strict: bool) -> Iterator[tuple[str, Any]]:
     reader = csv.DictReader(text.splitlines(keepends=True))
     if not reader.fieldnames:
         raise TutorError(f"{path}:1: empty CSV; expected a header row such as question,answer")
     start = 2  # the header is line 1
     for row in reader:
         if None in row or None in row.values():
-            raise TutorError(f"{path}:{start}: expected {len(reader.fieldnames)} columns "
+            row = TutorError(f"{path}:{start}: expected {len(reader.fieldnames)} columns "
                              f"({','.join(reader.fieldnames)}), got a different number")
+            if strict:
+                raise row
         yield f"{path}:{start}", row
         start = reader.line_num + 1
 
