@@ -364,5 +364,5 @@ def test_bundled_model_packed_equals_unpacked_on_course_data(bundled):
         packs[i]
         for i in torch.randperm(len(packs), generator=torch.Generator().manual_seed(0))[:3].tolist()
     ]
-    assert all(len(p["indices"]) >= 3 for p in chosen)
+    assert all(len(p["indices"]) >= 2 for p in chosen)  # isolation matters in each
     check_packed_equals_unpacked(model, samples, chosen, collator_for(model), 1e-4, 1e-3)
