@@ -116,6 +116,24 @@ def test_bfd_never_worse_than_greedy_longest_first(lengths, max_length, seed):
     assert len(sizes) < 2 or sizes[0] + sizes[1] > max_length
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 80), min_size=1, max_size=120), max_length=st.integers(8, 64)
+)
+def test_bfd_fills_packs_exactly_like_trl(lengths, max_length):
+    # TRL's pack_dataset(strategy="bfd") is the field's reference BFD (segment tree, truncate).
+    # BFD's pack loads depend only on the lengths, so both must give the same multiset.
+    import datasets
+    from trl.data_utils import pack_dataset
+
+    datasets.disable_progress_bars()
+    ds = datasets.Dataset.from_dict({"input_ids": [[1] * n for n in lengths]})
+    theirs = pack_dataset(ds, max_length, strategy="bfd")
+    ours = pack([sample(n) for n in lengths], max_length)
+    assert sorted(ours.lengths) == sorted(len(r) for r in theirs["input_ids"])
+    assert ours.truncated == sum(n > max_length for n in lengths)
+
+
 # ---------------------------------------------------------------- collate
 
 # The picture from collate's docstring: packs [a a a | b b] and [c c c c], L = 5.
