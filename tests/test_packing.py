@@ -183,8 +183,9 @@ def test_collate_eager_mask_is_additive_float():
     assert (eager[~sdpa] == torch.finfo(torch.bfloat16).min).all()
 
 
-def test_collate_flash_flattens_to_one_row_without_mask():
-    batch = collate(docstring_packs(), "flash_attention_2")
+@pytest.mark.parametrize("impl", ["flash_attention_2", "kernels-community/flash-attn2"])
+def test_collate_flash_flattens_to_one_row_without_mask(impl):
+    batch = collate(docstring_packs(), impl)
     assert set(batch) == {"input_ids", "labels", "position_ids"}
     assert batch["input_ids"].tolist() == [[10, 11, 12, 20, 21, 30, 31, 32, 33]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]

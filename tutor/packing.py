@@ -7,9 +7,11 @@ wraps both for ``transformers.Trainer`` (one packing per epoch).
 
 Packing is exact only with *isolation*: a token may attend to earlier tokens of its own
 sample and nothing else. With transformers 5.23, SDPA/eager do not infer that from
-restarted ``position_ids`` once an ``attention_mask`` is passed, so :func:`collate` builds a
-4-D block-diagonal causal mask for them; flash-attention-2 instead gets one flattened row
-whose restarted ``position_ids`` transformers turns into ``cu_seqlens`` (varlen kernels).
+restarted ``position_ids`` once an ``attention_mask`` is passed or a KV cache is built
+(``use_cache=True``, the default, builds one even in a training forward), so
+:func:`collate` builds a 4-D block-diagonal causal mask for them; flash-attention-2
+instead gets one flattened row whose restarted ``position_ids`` transformers turns into
+``cu_seqlens`` (varlen kernels).
 
 Loss: ``collate`` sets the label of every sample's first token to -100, so the last token
 of one sample is never trained to predict the first token of the next. transformers'
@@ -40,6 +42,12 @@ STRATEGIES = ("bfd", "greedy")
 OVERFLOWS = ("truncate", "drop")
 MASK_BACKENDS = ("sdpa", "eager")  # get a 4-D mask
 VARLEN_BACKENDS = ("flash_attention_2", "flash_attention_3")  # get position_ids only
+
+
+def _is_varlen(attn_implementation: str) -> bool:
+    """Flash-attention backends, also from the kernels hub ("kernels-community/flash-attn2")."""
+    return attn_implementation in VARLEN_BACKENDS or "flash-attn" in attn_implementation
+
 
 Sample = dict[str, list[int]]  # {"input_ids": [...], "labels": [...]} of equal length
 # A pack: the concatenated samples, positions restarting at 0 per sample, input indices.
@@ -266,7 +274,8 @@ def collate(
     """
     import torch
 
-    if attn_implementation not in MASK_BACKENDS + VARLEN_BACKENDS:
+    varlen = _is_varlen(attn_implementation)
+    if attn_implementation not in MASK_BACKENDS and not varlen:
         raise TutorError(
             f"collate: attn_implementation={attn_implementation!r} is not supported; "
             f"use one of {', '.join(MASK_BACKENDS + VARLEN_BACKENDS)}"
@@ -278,7 +287,7 @@ def collate(
             raise TutorError(
                 f"collate: pack {r} lacks input_ids/labels/position_ids; build it with pack()"
             )
-    if attn_implementation in VARLEN_BACKENDS:
+    if varlen:
         packs = [_flatten(packs)]
     B, L = len(packs), max(len(p["input_ids"]) for p in packs)
     input_ids = torch.full((B, L), pad_token_id, dtype=torch.long)
