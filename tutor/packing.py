@@ -336,8 +336,12 @@ class PackedDataset:
     change between epochs while any run stays reproducible. Use with
     ``data_collator=collate`` (SDPA) or ``collator_for(model)``.
 
-    Note: with ``strategy="greedy"`` the number of packs may change between epochs, and
-    Trainer sizes its schedule from epoch 0; bfd's count depends only on the lengths.
+    Trainer's ``remove_unused_columns`` drops ``indices`` but keeps ``position_ids``,
+    which is all `collate` needs to find the samples.
+
+    Not handled: with ``strategy="greedy"`` the number of packs may change between epochs
+    while Trainer sizes its schedule from epoch 0 (bfd's count depends only on the
+    lengths); ``persistent_workers=True`` keeps workers' copies of epoch 0's packs.
     """
 
     def __init__(
