@@ -190,6 +190,16 @@ def test_collate_flash_flattens_to_one_row_without_mask(impl):
     assert batch["input_ids"].tolist() == [[10, 11, 12, 20, 21, 30, 31, 32, 33]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
     assert batch["labels"].tolist() == [[_, 11, 12, _, 21, _, 31, 32, 33]]
+    # The CPU-checkable half of the GPU path: what transformers' flash-attention integration
+    # derives from these position_ids (the varlen kernel itself needs a GPU: unverified here).
+    from transformers.modeling_flash_attention_utils import (
+        _is_packed_sequence,
+        prepare_fa_kwargs_from_position_ids,
+    )
+
+    assert _is_packed_sequence(batch["position_ids"], batch_size=1)
+    (cu_q, cu_k), (max_q, _max_k) = prepare_fa_kwargs_from_position_ids(batch["position_ids"])
+    assert cu_q.tolist() == cu_k.tolist() == [0, 3, 5, 9] and int(max_q) == 4
 
 
 def test_collate_rejects_bad_input():
