@@ -45,12 +45,13 @@ def main(n: int) -> None:
     lengths = rng.choices(course_lengths(), k=n)
     samples = [{"input_ids": [1] * k, "labels": [1] * k} for k in lengths]
     ds = datasets.Dataset.from_dict({"input_ids": [s["input_ids"] for s in samples]})
+    whole = {"batch_size": n}  # TRL packs per map batch (default 1000): give it everything
     print(f"{n} samples, {sum(lengths)} tokens")
     for max_length in (512, 1024):
         for name, fn in {
             "tutor bfd": lambda m=max_length: pack(samples, m),
             "tutor greedy": lambda m=max_length: pack(samples, m, "greedy"),
-            "trl bfd": lambda m=max_length: pack_dataset(ds, m, "bfd", map_kwargs={"batch_size": n}),
+            "trl bfd": lambda m=max_length: pack_dataset(ds, m, "bfd", map_kwargs=whole),
         }.items():
             seconds, out = best_of(fn)
             rows = [len(r) for r in out["input_ids"]] if name.startswith("trl") else out.lengths
