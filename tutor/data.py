@@ -101,6 +101,9 @@ def encode_sample(
     if is_pretraining(messages):
         ids, labels = _encode_text(messages[0]["content"], tokenizer)
     else:
+        if not getattr(tokenizer, "is_fast", False):
+            raise TutorError("encode needs a fast tokenizer (character offsets); "
+                             "load it with AutoTokenizer.from_pretrained(..., use_fast=True)")
         segments = _template(template, tokenizer).segments(messages)
         if train_on == "last":
             segments = _only_last_answer(segments)
@@ -138,9 +141,6 @@ def _encode_segments(
     segments: list[Segment], tokenizer: PreTrainedTokenizerBase
 ) -> tuple[list[int], list[int]]:
     """Tokenise the joined text once; label each token by the characters it covers."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise TutorError("encode needs a fast tokenizer (character offsets); "
-                         "load it with AutoTokenizer.from_pretrained(..., use_fast=True)")
     text = "".join(s.text for s in segments)
     trained_before = [0]  # trained_before[c] = number of trainable characters in text[:c]
     for seg in segments:

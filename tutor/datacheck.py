@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from tutor.data import IGNORE_INDEX, encode_sample
 from tutor.errors import TutorError
 from tutor.formats import detect_format, read_records, to_messages
-from tutor.templates import ChatTemplate
+from tutor.templates import ChatTemplate, get_template
 from tutor.viz import text_histogram
 
 if TYPE_CHECKING:
@@ -80,6 +80,8 @@ def check_file(
 ) -> CheckReport:
     """Check every record of `path`; never raises for a bad record (see module docstring)."""
     name = template if isinstance(template, str) else template.name
+    if isinstance(template, str):  # an unknown name fails once, not once per record
+        template = get_template(template, tokenizer)
     report = CheckReport(path=str(path), template=name, max_length=max_length,
                          format=None if format == "auto" else format)
     seen: dict[str, str] = {}

@@ -1,0 +1,89 @@
+"""`tutor data convert|check|show`: exit codes, line numbers, atomic writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tutor.cli import main
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+DATA_FILES = sorted(p for p in DATA.iterdir() if p.suffix in (".jsonl", ".csv"))
+
+
+def test_data_files_are_there():
+    assert [p.name for p in DATA_FILES] == [
+        "assistant.jsonl", "assistant_heldout.jsonl", "geography_qa.jsonl",
+        "pretrain_corpus.jsonl", "raw_qa.csv"]
+
+
+@pytest.mark.parametrize("path", DATA_FILES, ids=[p.name for p in DATA_FILES])
+def test_check_passes_on_every_bundled_file(path, capsys):
+    assert main(["data", "check", str(path), "--max-length", "512"]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}: format " in out and " 0 errors, 0 warnings" in out
+    assert "token lengths:" in out
+
+
+def test_check_names_the_broken_line(tmp_path, capsys):
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    lines = [json.dumps(good), '{"messages": [', json.dumps({"text": "x"}), json.dumps(good),
+             json.dumps({"messages": [{"role": "user", "content": "long " * 80},
+                                      {"role": "assistant", "content": "a"}]})]
+    path = tmp_path / "broken.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    assert main(["data", "check", str(path), "--max-length", "64"]) == 1
+    out = capsys.readouterr().out
+    assert f"{path}: format openai, 5 records, 3 conversations ok, 3 errors, 2 warnings" in out
+    assert f"{path}:2: error: invalid JSON: Expecting value" in out
+    assert f"{path}:3: error: expected a 'openai' record with keys messages" in out
+    assert f"{path}:4: warning: duplicate of {path}:1" in out
+    assert f"{path}:5: warning: truncated from " in out
+    assert f"{path}:5: error: no trainable token left after truncation to 64 tokens" in out
+
+
+def test_convert_csv_to_messages_jsonl(tmp_path, capsys):
+    out = tmp_path / "sub" / "qa.jsonl"
+    assert main(["data", "convert", str(DATA / "raw_qa.csv"), str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote 32 conversations to {out}"
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 32 and rows[0] == {"messages": [
+        {"role": "user", "content": "What is a token?"},
+        {"role": "assistant", "content": "A token is a piece of text, often part of a word, "
+                                         "that the model reads as one integer id."}]}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["qa.jsonl"]  # no temp left
+    assert main(["data", "check", str(out)]) == 0
+
+
+def test_convert_failure_writes_nothing(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("question,answer\nq,a\nonly-one-column\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["data", "convert", str(bad), str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"tutor: error: {bad}:3: expected 2 columns (question,answer), got a different number")
+    assert list(tmp_path.iterdir()) == [bad]
+    assert main(["data", "convert", str(DATA / "raw_qa.csv"), str(tmp_path / "x.txt")]) == 2
+    assert "the output must be a .jsonl file" in capsys.readouterr().err
+
+
+def test_show_prints_n_samples(capsys):
+    assert main(["data", "show", str(DATA / "geography_qa.jsonl"), "-n", "2",
+                 "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("── ") == 2
+    assert "⟦The capital of France is Paris.<|im_end|>⟧⏎" in out
+    assert main(["data", "show", str(DATA / "geography_qa.jsonl"), "-n", "1", "--template",
+                 "chatml", "--color", "always"]) == 0
+    assert "\x1b[30;42mThe\x1b[0m" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("action", ["show", "check"])
+def test_unknown_template_is_one_line(action, capsys):
+    assert main(["data", action, str(DATA / "raw_qa.csv"), "--template", "chatmlx"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "unknown chat template 'chatmlx'; did you mean chatml" in err[0]
+    assert "raw_qa.csv:" not in captured.out
