@@ -168,6 +168,7 @@ def plot_packing(results: Packs | Mapping[str, Packs], rows: int = 12) -> Figure
     `results` is one :class:`~tutor.packing.Packs` or ``{"name": Packs, ...}`` to compare.
     """
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from tutor.packing import seq_lens
 
@@ -191,5 +192,7 @@ def plot_packing(results: Packs | Mapping[str, Packs], rows: int = 12) -> Figure
         fill = [n / packs.max_length for n in packs.lengths]
         ax_hist.hist(fill, bins=20, range=(0, 1), color="tab:blue")
         ax_hist.set(xlabel="pack fill (tokens / max_length)", ylabel="packs")
+        for axis in (ax_rows.yaxis, ax_hist.yaxis):  # packs are counted in whole numbers
+            axis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return fig
