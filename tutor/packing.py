@@ -155,11 +155,14 @@ def pack(
 ) -> Packs:
     """Group samples into packs of at most `max_length` tokens.
 
-    strategy: ``"bfd"`` (best-fit decreasing, fewest padding slots) or ``"greedy"`` (in
-    order, XTuner-style). overflow: a sample longer than `max_length` is cut to its first
-    `max_length` tokens (``"truncate"``) or left out (``"drop"``); both are counted in the
-    result. seed: ``None`` keeps the input order (greedy) / size order (bfd); an int
-    shuffles samples (greedy) or ties and the order of packs (bfd), reproducibly.
+    strategy: ``"greedy"`` is next-fit in the given order (XTuner-style); ``"bfd"`` is
+    best-fit decreasing: no two of its packs could be merged, and (property-tested, not
+    proven) it never needs more packs than greedy over the same samples taken longest
+    first. It is a heuristic: a lucky order can let greedy win (see the tests).
+    overflow: a sample longer than `max_length` is cut to its first `max_length` tokens
+    (``"truncate"``) or left out (``"drop"``); both are counted in the result.
+    seed: ``None`` keeps the input order (greedy) / size order (bfd); an int shuffles the
+    samples (greedy) or ties and the order of packs (bfd), reproducibly.
 
     >>> s = lambda n: {"input_ids": [1] * n, "labels": [1] * n}
     >>> [seq_lens(p) for p in pack([s(3), s(6), s(2), s(4)], 8)]
