@@ -1,4 +1,4 @@
-"""Pictures of what the model sees: the loss-mask view (terminal and HTML) and histograms.
+"""Pictures of what the model sees: the loss-mask view (terminal and HTML), histograms, packs.
 
 The mask view prints a sample token by token: trained tokens (label ≠ −100) on a
 green background, everything else grey, special tokens such as ``<|im_start|>`` shown
@@ -6,19 +6,23 @@ in a box so that the template's scaffolding is visible, newlines as ``⏎``. Tok
 are only part of a UTF-8 character (byte-level BPE splits most Chinese characters into
 2–3 tokens) are grouped until they decode to whole characters.
 
-Each function here is self-contained: it takes plain lists and returns a string.
+Each mask/histogram function here is self-contained: it takes plain lists and returns a
+string. `plot_packing` draws a matplotlib figure (imported inside the function).
 Not handled: colour themes, very long samples (everything is printed), images.
 """
 
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
     from transformers import PreTrainedTokenizerBase
+
+    from tutor.packing import Packs
 
 IGNORE_INDEX = -100  # same convention as tutor.data (kept local: viz must not import torch)
 NEWLINE = "⏎"
@@ -154,3 +158,41 @@ def text_histogram(values: Sequence[int], bins: int = 8, width: int = 40) -> str
         bar = "█" * (round(n / top * width) if n else 0)
         rows.append(f"{start:>{digits + 1}} – {end:>{digits + 1}} | {bar} {n}")
     return "\n".join(rows)
+
+
+def plot_packing(results: Packs | Mapping[str, Packs], rows: int = 12) -> Figure:
+    """One line of panels per packing result: its first `rows` packs, and a fill histogram.
+
+    Left: each pack as a bar of ``max_length`` slots, one colour block per sample, grey
+    where the row would be padding. Right: histogram of pack fill (tokens / max_length).
+    `results` is one :class:`~tutor.packing.Packs` or ``{"name": Packs, ...}`` to compare.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from tutor.packing import seq_lens
+
+    named = dict(results) if isinstance(results, Mapping) else {results.strategy: results}
+    fig, axes = plt.subplots(len(named), 2, figsize=(11, 2.6 * len(named)), squeeze=False)
+    colors = plt.get_cmap("tab20").colors
+    for (name, packs), (ax_rows, ax_hist) in zip(named.items(), axes, strict=True):
+        for r, p in enumerate(packs[:rows]):
+            left = 0
+            for k, n in enumerate(seq_lens(p)):
+                ax_rows.barh(r, n, left=left, color=colors[k % len(colors)], edgecolor="white")
+                left += n
+            ax_rows.barh(r, packs.max_length - left, left=left, color="0.85")
+        ax_rows.set(xlim=(0, packs.max_length), xlabel="slot", ylabel="pack")
+        ax_rows.invert_yaxis()
+        ax_rows.set_title(
+            f"{name}: {len(packs)} packs (min {packs.min_packs}), "
+            f"utilisation {packs.utilisation:.1%}",
+            fontsize=10,
+        )
+        fill = [n / packs.max_length for n in packs.lengths]
+        ax_hist.hist(fill, bins=20, range=(0, 1), color="tab:blue")
+        ax_hist.set(xlabel="pack fill (tokens / max_length)", ylabel="packs")
+        for axis in (ax_rows.yaxis, ax_hist.yaxis):  # packs are counted in whole numbers
+            axis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    return fig
