@@ -353,9 +353,13 @@ def test_random_conversations_auto(smol_tokenizer, messages, add_generation_prom
 # ---------------------------------------------------------------- bad input
 
 
-def test_unknown_name_suggests_closest():
-    with pytest.raises(TutorError, match="unknown chat template 'chatm1'; did you mean chatml"):
-        get_template("chatm1")
+@pytest.mark.parametrize(
+    ("typo", "suggested"), [("chatm1", "chatml"), ("llama2", "llama2_chat"), ("qwen", "qwen_chat")]
+)
+def test_unknown_name_suggests_closest(typo, suggested):
+    expected = f"unknown chat template '{typo}'; did you mean {suggested}"
+    with pytest.raises(TutorError, match=expected):
+        get_template(typo)
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ anywhere but first (few families define them). Tokenisation is not done here:
 from __future__ import annotations
 
 import difflib
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -70,17 +71,20 @@ class Turn:
     sep: str = ""
 
 
-class ChatTemplate:
-    """A chat format. Subclasses implement `segments`; `render` joins them."""
+class ChatTemplate(ABC):
+    """A chat format. Subclasses implement `segments`; `render` joins them.
+
+    `stop_words` are the end-of-turn strings: generation stops when one appears.
+    """
 
     name: str
     stop_words: tuple[str, ...]
 
+    @abstractmethod
     def segments(
         self, messages: Sequence[Message], add_generation_prompt: bool = False
     ) -> list[Segment]:
         """The rendered conversation as a list of `Segment`s (see module docstring)."""
-        raise NotImplementedError
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
         """The exact prompt string. `add_generation_prompt` appends the assistant header."""
