@@ -118,9 +118,10 @@ def test_double_quant_dequantisation_matches_bitsandbytes_where_codes_agree():
 
 
 def test_double_quant_roundtrip_error_is_small():
-    absmax = weight((4096,)).abs() + 0.01
+    absmax = quantize_nf4(weight((1024, 1024))).absmax  # 16384 real block constants
     restored = dequantize_absmax(double_quantize(absmax))
-    assert ((restored - absmax).abs() / absmax).max() < 0.02
+    # Half an 8-bit step of the centred constants: well under 1 % of a typical absmax.
+    assert ((restored - absmax).abs() / absmax).max() < 0.01
 
 
 def test_bits_per_param_is_the_qlora_arithmetic():
