@@ -13,7 +13,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from tutor.errors import TutorError
 from tutor.lora import (
     LoRALinear,
+    copy_from_peft,
     inject_lora,
+    low_rank_error,
     lora_param_count,
     merge_and_unload,
     merge_lora,
@@ -39,13 +41,11 @@ def twins(dropout: float = 0.0):
     peft_model = get_peft_model(base, peft_config(r=R, alpha=ALPHA, dropout=dropout)).eval()
     names = inject_lora(ours, r=R, alpha=ALPHA, dropout=dropout)
     g = torch.Generator().manual_seed(1)
-    for name in names:
-        theirs = peft_model.base_model.model.get_submodule(name)
-        mine = ours.get_submodule(name)
-        with torch.no_grad():  # B is zero after init: give it real values so the test can fail
-            theirs.lora_B["default"].weight.copy_(torch.randn(mine.B.shape, generator=g) * 0.1)
-            mine.A.copy_(theirs.lora_A["default"].weight)
-            mine.B.copy_(theirs.lora_B["default"].weight)
+    for name in names:  # B is zero after init: give it real values so the tests can fail
+        B = peft_model.base_model.model.get_submodule(name).lora_B["default"].weight
+        with torch.no_grad():
+            B.copy_(torch.randn(B.shape, generator=g) * 0.1)
+    assert copy_from_peft(ours, peft_model) == len(names)
     return peft_model, ours.eval(), names
 
 
@@ -120,3 +120,15 @@ def test_bad_targets_and_rank_are_errors():
         inject_lora(tiny_llama(), r=4, alpha=8, targets=("wqkv",))
     with pytest.raises(TutorError, match="rank r must be >= 1"):
         LoRALinear(nn.Linear(4, 4), r=0, alpha=1)
+
+
+def test_low_rank_error_follows_eckart_young():
+    torch.manual_seed(0)
+    rank3 = torch.randn(40, 3) @ torch.randn(3, 30)
+    errors = low_rank_error(rank3, [1, 2, 3, 10])
+    assert errors[0] > errors[1] > 1e-3 and errors[2] < 1e-7 and errors[3] < 1e-7
+    full = torch.randn(30, 30)
+    U, S, Vh = torch.linalg.svd(full)
+    best2 = U[:, :2] @ torch.diag(S[:2]) @ Vh[:2]
+    assert low_rank_error(full, [2])[0] == pytest.approx(
+        float(torch.linalg.norm(full - best2) / torch.linalg.norm(full)), rel=1e-5)

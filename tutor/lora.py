@@ -119,6 +119,38 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model
 
 
+def copy_from_peft(model: nn.Module, peft_model: nn.Module) -> int:
+    """Copy peft's lora_A / lora_B weights into the same-named `LoRALinear`s of `model`.
+
+    Module names are matched after removing peft's prefix (base_model.model.) and its
+    `.base_layer` suffix. Returns how many layers were copied; raises if one has no twin.
+    """
+    ours = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    copied = 0
+    for name, module in peft_model.named_modules():
+        if not hasattr(module, "lora_A") or "default" not in module.lora_A:
+            continue
+        key = name.removeprefix("base_model.model.")
+        if key not in ours:
+            raise TutorError(f"peft layer '{key}' has no LoRALinear twin in {type(model).__name__}")
+        with torch.no_grad():
+            ours[key].A.copy_(module.lora_A["default"].weight)
+            ours[key].B.copy_(module.lora_B["default"].weight)
+        copied += 1
+    return copied
+
+
+def low_rank_error(matrix: torch.Tensor, ranks: list[int]) -> list[float]:
+    """Relative Frobenius error of the best rank-k approximation of `matrix`, for each k.
+
+    Eckart-Young: the best rank-k matrix keeps the k largest singular values, so the error is
+    sqrt(sum of the other s_i^2) / sqrt(sum of all s_i^2). 0 = exact, 1 = nothing captured.
+    """
+    s2 = torch.linalg.svdvals(matrix.detach().double()) ** 2  # descending
+    total = s2.sum()
+    return [float((s2[k:].sum() / total).sqrt()) for k in ranks]
+
+
 def lora_param_count(shapes: list[tuple[int, int]], r: int) -> int:
     """Trainable numbers of LoRA on linear layers of shapes [(in, out), ...]: r * (in + out) each."""
     return sum(r * (fan_in + fan_out) for fan_in, fan_out in shapes)
