@@ -152,3 +152,31 @@ def test_qlora_estimate_equals_measured_bytes_and_peak():
     for key in ("weights", "LoRA adapters", "gradients", "optimizer state"):
         assert measured.persistent[key] == est.rows[key], key
     assert abs(est.total / measured.peak - 1) <= 0.25, (est.total, measured.peak)
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "tutor", "memory", *args],
+                          capture_output=True, text=True)
+
+
+def test_cli_prints_the_qlora_table_and_why_full_does_not_fit():
+    qlora = _cli("internlm2-chat-7b", "--method", "qlora", "--seq-len", "1024",
+                 "--optimizer", "paged_adamw_8bit")
+    assert qlora.returncode == 0, qlora.stderr
+    lines = qlora.stdout.splitlines()
+    assert lines[0].startswith("internlm2-chat-7b: 7.74 B params · qlora (NF4 + double quant, "
+                               "LoRA r=64 on 160 linears) · seq 1024 x batch 1")
+    assert lines[-1] == "fits in 8 GiB"
+    full = _cli("internlm2-chat-7b", "--method", "full", "--seq-len", "2048")
+    rows = {line[:17].strip(): line[17:25].strip() for line in full.stdout.splitlines()[2:-1]}
+    assert float(rows["optimizer state"]) > 80 and float(rows["gradients"]) > 14
+    assert full.stdout.splitlines()[-1] == "does NOT fit in 8 GiB"
+
+
+def test_cli_bad_input_is_one_line():
+    out = _cli("internlm2-chat-7b", "--seq-len", "0")
+    assert out.returncode == 2
+    assert out.stderr.strip() == "tutor: error: seq_len, batch and lora_r must be positive"
