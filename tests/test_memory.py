@@ -17,6 +17,7 @@ from tutor.memory import (
     estimate,
     format_table,
     get_arch,
+    optimizer_bytes,
     trainable,
 )
 from tutor.quant import bits_per_param
@@ -94,6 +95,37 @@ def test_bad_setup_is_a_tutor_error():
         get_arch("no-such-model")
 
 
+def test_8bit_optimizer_state_equals_bitsandbytes_bytes():
+    """bitsandbytes' (Paged)AdamW8bit state on CPU (paging falls back to plain memory there)."""
+    import warnings
+
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tutor.lora import peft_config
+    from tutor.measure import tensor_bytes
+
+    bnb = pytest.importorskip("bitsandbytes")
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=320, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM(cfg), peft_config(r=16, alpha=16, dropout=0.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "paged optimizers are not supported on CPU"
+        opt = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad])
+        ids = torch.arange(8).unsqueeze(0)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    arch = arch_from_config(cfg.to_dict(), "tiny")
+    sizes = trainable(arch, Setup(method="lora", lora_r=16))
+    assert sorted(sizes) == sorted(p.numel() for p in model.parameters() if p.requires_grad)
+    assert min(sizes) < 4096 <= max(sizes)  # both of bitsandbytes' regimes are exercised
+    assert tensor_bytes(model, opt)["optimizer state"] == optimizer_bytes(sizes, "paged_adamw_8bit")
+    full = LlamaForCausalLM(cfg).parameters()
+    assert sorted(trainable(arch, Setup(method="full"))) == sorted(p.numel() for p in full)
+
+
 # ---- against a real model: exact persistent bytes, peak within 25 % ------------------------
 
 
@@ -128,7 +160,7 @@ def test_lora_fp32_estimate_equals_measured_bytes_and_peak(bundled):
     model = get_peft_model(copy.deepcopy(bundled[0]), peft_config(r=8, alpha=16, dropout=0.0))
     setup = Setup(method="lora", seq_len=64, grad_checkpointing=False, lora_r=8, dtype="float32")
     est = estimate(get_arch(BUNDLED), setup)
-    assert trainable(get_arch(BUNDLED), setup)[0] == model.get_nb_trainable_parameters()[0]
+    assert sum(trainable(get_arch(BUNDLED), setup)) == model.get_nb_trainable_parameters()[0]
     measured = _train_once(model, _batch(setup.seq_len))
     for key in ("weights", "LoRA adapters", "gradients", "optimizer state"):
         assert measured.persistent[key] == est.rows[key], key  # exact, byte for byte

@@ -98,7 +98,8 @@ def inject_lora(model: nn.Module, r: int, alpha: float, targets: tuple[str, ...]
     which almost always means the target names are those of another architecture.
     """
     model.requires_grad_(False)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(n, targets)]
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and _matches(n, targets)]
     if not names:
         raise TutorError(f"no nn.Linear named {', '.join(targets)} in {type(model).__name__}; "
                          "pass the target module names of this architecture")
@@ -152,11 +153,12 @@ def low_rank_error(matrix: torch.Tensor, ranks: list[int]) -> list[float]:
 
 
 def lora_param_count(shapes: list[tuple[int, int]], r: int) -> int:
-    """Trainable numbers of LoRA on linear layers of shapes [(in, out), ...]: r * (in + out) each."""
+    """Trainable numbers of LoRA on linears of shapes [(in, out), ...]: r * (in + out) each."""
     return sum(r * (fan_in + fan_out) for fan_in, fan_out in shapes)
 
 
-def target_shapes(model: nn.Module, targets: tuple[str, ...] = LLAMA_TARGETS) -> list[tuple[int, int]]:
+def target_shapes(model: nn.Module,
+                  targets: tuple[str, ...] = LLAMA_TARGETS) -> list[tuple[int, int]]:
     """(in_features, out_features) of every `nn.Linear` in `model` that LoRA would wrap."""
     return [(m.in_features, m.out_features) for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and _matches(n, targets)]

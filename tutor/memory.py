@@ -22,8 +22,9 @@ The logits peak comes at the very start of backward, before any gradient exists 
 free gradients after each step); later, gradients grow while blocks are recomputed and freed.
 Without checkpointing we count all activations in both phases: an upper bound.
 
-`tutor.measure.measure_step` checks the arithmetic on a real model: exact tensor bytes for the persistent
-parts, and the peak of live tensor bytes over one training step (tests/test_memory.py).
+`tutor.measure.measure_step` checks the arithmetic on a real model: exact tensor bytes for
+the persistent parts, and the peak of live tensor bytes over one training step
+(tests/test_memory.py).
 
 Not handled: eager attention (its (heads, L, L) scores; we assume SDPA / flash attention, which
 keep none), mixture-of-experts, vision towers, KV caches, ZeRO sharding across GPUs, the CUDA
@@ -161,26 +162,29 @@ def weight_bytes(arch: Arch, setup: Setup) -> int:
     return nf4 + arch.other_params() * dt + rope
 
 
-def trainable(arch: Arch, setup: Setup) -> tuple[int, int]:
-    """(trainable numbers, trainable tensors): LoRA's A and B per linear, or every parameter."""
-    if setup.method == "full":
-        per_block = sum(2 if b else 1 for *_, b in arch.block_linears()) + 2  # + 2 norms
-        outside = 3 - arch.tie_embeddings  # embeddings, final norm, lm_head unless tied
-        return arch.num_params(), arch.num_layers * per_block + outside
-    linears = arch.block_linears()
-    count = arch.num_layers * sum(setup.lora_r * (i + o) for i, o, _ in linears)
-    return count, arch.num_layers * len(linears) * 2
+def trainable(arch: Arch, setup: Setup) -> list[int]:
+    """Sizes of the trainable tensors: LoRA's A and B per linear, or every parameter."""
+    if setup.method != "full":
+        r = setup.lora_r
+        return [n for i, o, _ in arch.block_linears() for n in (r * i, o * r)] * arch.num_layers
+    block = [n for i, o, b in arch.block_linears() for n in ([i * o, o] if b else [i * o])]
+    block += [arch.hidden_size] * 2  # the two RMSNorm weights
+    embeddings = [arch.vocab_size * arch.hidden_size] * (1 if arch.tie_embeddings else 2)
+    return block * arch.num_layers + embeddings + [arch.hidden_size]  # + the final norm
 
 
-def optimizer_bytes(numel: int, tensors: int, optimizer: str) -> int:
-    """AdamW's state for `numel` trainable numbers in `tensors` tensors (+4-byte step counters).
+def optimizer_bytes(sizes: list[int], optimizer: str) -> int:
+    """Optimizer state for trainable tensors of `sizes` numbers.
 
-    paged_adamw_8bit (bitsandbytes): two uint8 states + two fp32 absmax per 256 numbers
-    (tensors under 4096 numbers stay 32-bit; we ignore that: LoRA matrices are larger).
+    adamw (torch): exp_avg and exp_avg_sq in fp32 + a 4-byte step tensor per parameter.
+    paged_adamw_8bit (bitsandbytes): two uint8 states + two fp32 absmax per 256 numbers for
+    tensors of 4096 numbers or more, two fp32 states for smaller ones, and the two shared
+    256-entry fp32 quantisation maps. "Paged" only says where it lives (CUDA unified memory,
+    evicted to CPU RAM under pressure): the bytes are the same.
     """
     if optimizer == "adamw":
-        return 8 * numel + 4 * tensors
-    return 2 * numel + 8 * -(-numel // 256) + 4 * tensors
+        return sum(8 * n + 4 for n in sizes)
+    return 2 * 256 * 4 + sum(2 * n + 8 * -(-n // 256) if n >= 4096 else 8 * n for n in sizes)
 
 
 def layer_activation_bytes(arch: Arch, setup: Setup) -> int:
@@ -229,10 +233,11 @@ def estimate(arch: Arch, setup: Setup) -> Estimate:
     """Estimate training memory of `arch` under `setup`, component by component (bytes)."""
     tokens = setup.seq_len * setup.batch
     dt = DTYPE_BYTES[setup.dtype]
-    numel, tensors = trainable(arch, setup)
+    sizes = trainable(arch, setup)
+    numel = sum(sizes)
     lora = 0 if setup.method == "full" else numel * 4
     grads = numel * (dt if setup.method == "full" else 4)
-    opt = optimizer_bytes(numel, tensors, setup.optimizer)
+    opt = optimizer_bytes(sizes, setup.optimizer)
     if setup.method == "full" and dt != 4:
         opt += numel * 4  # mixed precision keeps an fp32 master copy of every weight
     per_layer = layer_activation_bytes(arch, setup)
@@ -256,7 +261,7 @@ def estimate(arch: Arch, setup: Setup) -> Estimate:
 def format_table(est: Estimate, budget_gib: float = 8.0) -> str:
     """The estimate as a text table in GiB, with what each row is made of and the verdict."""
     a, s = est.arch, est.setup
-    numel, _ = trainable(a, s)
+    numel = sum(trainable(a, s))
     quant = "NF4 + double quant" if s.method == "qlora" else s.dtype
     head = (f"{a.name}: {a.num_params() / 1e9:.2f} B params · {s.method} ({quant}"
             + (f", LoRA r={s.lora_r} on {a.num_layers * len(a.block_linears())} linears"

@@ -157,7 +157,8 @@ def dequantize_absmax(dq: DoubleQuant) -> torch.Tensor:
     return values * scales + dq.offset
 
 
-def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
+def quantize_nf4(weight: torch.Tensor, blocksize: int = 64,
+                 double_quant: bool = False) -> NF4Tensor:
     """Quantise a float weight of any shape to NF4 in blocks of `blocksize` flat values.
 
     >>> import torch
@@ -184,7 +185,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
 
 
 def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
-    """Rebuild the weight: codebook[code] * absmax of its block, shape `q.shape`, dtype `q.dtype`."""
+    """Rebuild the weight: codebook[code] * its block's absmax, shape `q.shape`, dtype `q.dtype`."""
     absmax = dequantize_absmax(q.absmax) if isinstance(q.absmax, DoubleQuant) else q.absmax
     values = nf4_codebook()[q.codes().long()]  # (n,) in [-1, 1]
     scales = absmax.repeat_interleave(q.blocksize)[: values.numel()]
