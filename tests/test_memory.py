@@ -212,3 +212,18 @@ def test_cli_bad_input_is_one_line():
     out = _cli("internlm2-chat-7b", "--seq-len", "0")
     assert out.returncode == 2
     assert out.stderr.strip() == "tutor: error: seq_len, batch and lora_r must be positive"
+
+
+@pytest.mark.slow
+def test_full_fp32_estimate_equals_measured_bytes_and_peak(bundled):
+    model = copy.deepcopy(bundled[0])
+    model.requires_grad_(True)
+    setup = Setup(method="full", seq_len=32, grad_checkpointing=False, dtype="float32")
+    est = estimate(get_arch(BUNDLED), setup)
+    measured = _train_once(model, _batch(setup.seq_len))
+    held = measured.persistent
+    # tensor_bytes files trainable parameters under "LoRA adapters"; here that is every weight
+    assert held["weights"] + held["LoRA adapters"] == est.rows["weights"]
+    assert held["gradients"] == est.rows["gradients"]
+    assert held["optimizer state"] == est.rows["optimizer state"]
+    assert abs(est.total / measured.peak - 1) <= 0.25, (est.total, measured.peak)
