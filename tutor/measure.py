@@ -91,7 +91,7 @@ def _peak_tracker() -> object:
         def _release(self, key: int) -> None:
             self.live -= self.sizes.pop(key)
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             # outputs that alias an input (views, in-place updates) are not new memory
             inputs = {_storage_key(t) for t in tree_flatten((args, kwargs))[0]
