@@ -135,6 +135,16 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_data_show)
 
 
+def _cmd_memory(args: argparse.Namespace) -> int:
+    from tutor.memory import Setup, estimate, format_table, get_arch
+
+    setup = Setup(method=args.method, seq_len=args.seq_len, batch=args.batch,
+                  grad_checkpointing=args.grad_checkpointing, optimizer=args.optimizer,
+                  lora_r=args.lora_r, lora_dropout=args.lora_dropout, dtype=args.dtype)
+    print(format_table(estimate(get_arch(args.model), setup), budget_gib=args.budget))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tutor",
@@ -153,6 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_demo)
 
     _add_data_parser(sub)
+    p = sub.add_parser("memory", help="estimate training memory for full / LoRA / QLoRA")
+    p.add_argument("model", help="built-in config name (e.g. internlm2-chat-7b), bundled name "
+                   "or a directory with config.json")
+    p.add_argument("--method", choices=("full", "lora", "qlora"), default="qlora")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute activations in backward (default: on, as XTuner does)")
+    p.add_argument("--optimizer", choices=("adamw", "paged_adamw_8bit"), default="adamw")
+    p.add_argument("--lora-r", type=int, default=64)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                   help="dtype of unquantised weights and activations")
+    p.add_argument("--budget", type=float, default=8.0, help="GPU memory to compare with, GiB")
+    p.set_defaults(handler=_cmd_memory)
     return parser
 
 
