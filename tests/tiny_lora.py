@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from tutor.models import bundled_cache_dir, ensure_bundled
+from tutor.models import ensure_bundled
 
 QUESTIONS = ["What is the capital of France?", "Name a primary colour.",
              "What is two plus two?", "Say hello."]
@@ -75,5 +75,3 @@ def train_checkpoint(base: str | Path, output: Path, steps: int = 2, lr: float =
     return checkpoint
 
 
-def bundled_dir() -> Path:
-    return bundled_cache_dir()
