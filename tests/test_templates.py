@@ -11,6 +11,8 @@ from pathlib import Path
 
 import jinja2
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from tutor.errors import TutorError
@@ -21,9 +23,21 @@ FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
 # name -> (bos_token, eos_token) the family's tokenizer passes to its Jinja, and the
 # end-of-turn text that must be trained after each answer.
 FAMILIES = {
+    "default": ("", "", "<|im_end|>"),
     "chatml": ("", "", "<|im_end|>"),
+    "qwen_chat": ("", "<|im_end|>", "<|im_end|>"),
+    "internlm2_chat": ("<s>", "</s>", "<|im_end|>"),
+    "internlm_chat": ("<s>", "</s>", "<eoa>"),
+    "llama2_chat": ("<s>", "</s>", " </s>"),
+    "llama3_chat": ("<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>"),
+    "mistral": ("<s>", "</s>", "</s>"),
+    "zephyr": ("<s>", "</s>", "</s>"),
+    "gemma": ("<bos>", "<eos>", "<end_of_turn>"),
+    "phi3_chat": ("<s>", "<|endoftext|>", "<|end|>"),
+    "deepseek_v2": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+    "vicuna": ("<s>", "</s>", "</s>"),
 }
-STRIPPING = set()  # families whose official Jinja strips message content
+STRIPPING = {"llama2_chat", "llama3_chat", "gemma"}  # official Jinja strips contents
 
 SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -67,6 +81,14 @@ CONVERSATIONS = {
         _m("user", "Why?"),
     ],
     "user_only": [_m("user", "Hello there")],
+    "assistant_only": [_m("assistant", "Plain text, as in incremental pretraining.")],
+    "two_users_in_a_row": [_m("user", "One."), _m("user", "Two."), _m("assistant", "Three.")],
+    "whitespace_only_user": [
+        _m("system", "  Be kind.  "),
+        _m("user", " \n "),
+        _m("assistant", "  ok  "),
+    ],
+    "empty_answer": [_m("user", "Say nothing."), _m("assistant", "")],
 }
 
 
@@ -135,8 +157,8 @@ def test_named_template_segments(name, conversation):
             messages, FAMILIES[name][2], name in STRIPPING
         )
         assert all(s.role == "assistant" for s in segments if s.trainable)
-        if agp:  # the generation prompt is the last thing and is never trained
-            assert not segments[-1].trainable
+        if agp and template.generation_prompt:  # last, never trained
+            assert segments[-1] == Segment(template.generation_prompt, "assistant", False)
 
 
 def test_every_registered_template_is_tested():
@@ -248,6 +270,84 @@ def test_auto_needs_a_tokenizer_with_a_chat_template(smol_tokenizer):
         get_template("auto")
     with pytest.raises(TutorError, match="no chat_template"):
         get_template("auto", tokenizer=_with_template(smol_tokenizer, None))
+
+
+def _tokenizer_for_family(smol_tokenizer, name: str):
+    """The bundled tokenizer wearing family `name`'s official Jinja and special tokens."""
+    bos, eos, end_of_turn = FAMILIES[name]
+    tok = _with_template(smol_tokenizer, (FIXTURES / f"{name}.jinja").read_text())
+    specials = {bos, eos, end_of_turn.strip(), *get_template(name).stop_words} - {""}
+    tok.add_special_tokens({"additional_special_tokens": sorted(specials)})
+    tok.bos_token, tok.eos_token = bos or None, eos or None
+    return tok
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_auto_on_each_official_jinja_agrees_with_the_named_template(smol_tokenizer, name):
+    """`auto` knows nothing of the family, yet finds the same trainable text."""
+    auto = get_template("auto", tokenizer=_tokenizer_for_family(smol_tokenizer, name))
+    named = get_template(name)
+    assert auto.stop_words[0] == named.stop_words[0]
+    checked = 0
+    for messages in CONVERSATIONS.values():
+        for agp in (False, True):
+            try:
+                expected = named.segments(messages, agp)
+            except TutorError:
+                continue
+            segments = auto.segments(messages, agp)
+            assert "".join(s.text for s in segments) == named.render(messages, agp)
+            assert trainable_runs(segments) == trainable_runs(expected)
+            checked += 1
+    assert checked >= 12  # at least six conversations, with and without generation prompt
+
+
+# ---------------------------------------------------------------- random conversations
+
+_TEXT = st.one_of(
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=12),
+    st.sampled_from([" ", "\n", "  x  ", "<|im_end|>", "</s>", "[INST]", "ASSISTANT:", "你好"]),
+)
+
+
+@st.composite
+def conversations(draw):
+    """Optional system message, then user/assistant turns alternating from the user."""
+    n = draw(st.integers(1, 5))
+    messages = [_m("system", draw(_TEXT))] if draw(st.booleans()) else []
+    messages += [_m(("user", "assistant")[i % 2], draw(_TEXT)) for i in range(n)]
+    return messages
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+@settings(max_examples=25, deadline=None)
+@given(messages=conversations(), add_generation_prompt=st.booleans())
+def test_random_conversations_render_like_official(name, messages, add_generation_prompt):
+    template = get_template(name)
+    try:
+        expected = official(name, messages, add_generation_prompt)
+    except jinja2.TemplateError:
+        with pytest.raises(TutorError):
+            template.render(messages, add_generation_prompt)
+        return
+    segments = template.segments(messages, add_generation_prompt)
+    assert "".join(s.text for s in segments) == expected
+    eot = FAMILIES[name][2]
+    assert trainable_runs(segments) == expected_runs(messages, eot, name in STRIPPING)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(messages=conversations(), add_generation_prompt=st.booleans())
+def test_random_conversations_auto(smol_tokenizer, messages, add_generation_prompt):
+    auto = get_template("auto", tokenizer=smol_tokenizer)
+    segments = auto.segments(messages, add_generation_prompt)
+    expected = smol_tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    assert "".join(s.text for s in segments) == expected
+    assert trainable_runs(segments) == expected_runs(messages, "<|im_end|>", strip=False)
 
 
 # ---------------------------------------------------------------- bad input

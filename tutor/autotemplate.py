@@ -5,7 +5,7 @@ Jinja itself says nothing about which characters are the answer, so `segments`
 finds out by rendering twice and comparing:
 
 1. Render the conversation with every assistant content replaced by a unique
-   sentinel (``@@TUTOR_ANSWER_0@@`` ...). The text between sentinels is template
+   sentinel (``\\ue000TUTOR_ANSWER_0\\ue000`` ...). The text between sentinels is template
    scaffolding, wherever the template put it (default system prompts, BOS, ...).
 2. Match the real rendering against that skeleton; each answer appears either as
    written or stripped (some templates ``| trim`` the content) — that is its span.
@@ -37,7 +37,8 @@ _PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "H
 
 
 def _sentinel(i: int) -> str:
-    return f"@@TUTOR_ANSWER_{i}@@"
+    # Private-use characters: never whitespace (survive `| trim`), never in real chat data.
+    return f"\ue000TUTOR_ANSWER_{i}\ue000"
 
 
 class JinjaTemplate(ChatTemplate):

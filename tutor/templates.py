@@ -19,8 +19,9 @@ A template gives two views of a conversation:
   Invariant: ``"".join(s.text for s in template.segments(m)) == template.render(m)``.
 
 Named templates (`get_template("chatml")`, ...) are `FormatTemplate`s, built from
-the dataclass fields below; `get_template("auto", tokenizer=tok)` wraps the
-tokenizer's own Jinja (see `tutor.autotemplate`).
+the dataclass fields below (the families are listed in `tutor.template_families`);
+`get_template("auto", tokenizer=tok)` wraps the tokenizer's own Jinja (see
+`tutor.autotemplate`).
 
 Not handled: tool calls, multimodal content, reasoning fields, and system messages
 anywhere but first (few families define them). Tokenisation is not done here:
@@ -214,30 +215,13 @@ def check_messages(messages: Sequence[Message], system_first: bool = False) -> l
     return list(messages)
 
 
-def _chatml(name: str, default_system: str | None = None, bos: str = "", source: str = ""):
-    return FormatTemplate(
-        name=name,
-        system=Turn("<|im_start|>system\n", "<|im_end|>", "\n"),
-        user=Turn("<|im_start|>user\n", "<|im_end|>", "\n"),
-        assistant=Turn("<|im_start|>assistant\n", "<|im_end|>", "\n"),
-        generation_prompt="<|im_start|>assistant\n",
-        stop_words=("<|im_end|>",),
-        bos=bos,
-        default_system=default_system,
-        source=source,
-    )
-
-
-TEMPLATES: dict[str, FormatTemplate] = {
-    t.name: t
-    for t in (_chatml("chatml", source="teknium/OpenHermes-2.5-Mistral-7B tokenizer_config.json"),)
-}
-
 AUTO = "auto"
 
 
 def list_templates() -> list[str]:
     """Names `get_template` accepts, sorted, with "auto" first."""
+    from tutor.template_families import TEMPLATES  # data module; it imports this one
+
     return [AUTO, *sorted(TEMPLATES)]
 
 
@@ -252,6 +236,8 @@ def get_template(name: str, tokenizer: PreTrainedTokenizerBase | None = None) ->
         from tutor.autotemplate import JinjaTemplate
 
         return JinjaTemplate(tokenizer)
+    from tutor.template_families import TEMPLATES
+
     if name in TEMPLATES:
         return TEMPLATES[name]
     close = difflib.get_close_matches(str(name), list_templates(), n=3, cutoff=0.5)
