@@ -36,17 +36,20 @@ TextCallback = Callable[[str], None]
 class GenerationSettings:
     """How to decode. `temperature == 0` means greedy (the default: reproducible).
 
-    `prompt_lookup` > 0 turns on prompt-lookup decoding for greedy chats: n-gram
-    guesses copied from the conversation are verified in one forward pass. On a CPU
-    decoding is bound by reading the weights, so checking several tokens costs about
-    as much as one; with greedy decoding the output is the same token sequence.
+    `prompt_lookup` > 0 turns on prompt-lookup decoding for greedy chats (on by
+    default, 0 turns it off): when the last tokens also occur earlier in the
+    conversation, the tokens that followed there are guessed and up to `prompt_lookup`
+    guesses are verified in one forward pass. Decoding a small model on a CPU is bound
+    by reading the weights, so checking several tokens costs about as much as one.
+    Greedy output stays the same sequence (up to float rounding of batched matmuls;
+    bench/chat_speed.py checks it). Ignored when sampling.
     """
 
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
-    prompt_lookup: int = 0
+    prompt_lookup: int = 10
 
     def generate_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `model.generate` (sampling only when temperature > 0)."""

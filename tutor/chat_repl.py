@@ -57,12 +57,12 @@ def open_session(
 
         from peft import PeftModel
 
-        # peft asks the model a deprecated question while loading; not ours to fix.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing")
         check_adapter_dir(Path(adapter))
         if bits is None:  # quantised layers have no plain in/out shapes to compare
             check_compatible(lm, Path(adapter), model)
-        lm = PeftModel.from_pretrained(lm, adapter)
+        with warnings.catch_warnings():  # peft calls a deprecated transformers method
+            warnings.simplefilter("ignore", FutureWarning)
+            lm = PeftModel.from_pretrained(lm, adapter)
         lm.eval()
     return ChatSession(lm, tokenizer, template=pick_template(model, adapter, template),
                        system=system, settings=settings or GenerationSettings())

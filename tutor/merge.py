@@ -19,8 +19,10 @@ no weight to merge into), several adapters at once, sharded or pickled (.bin) ad
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -250,10 +252,15 @@ def merge(
         raise TutorError(f"--dtype must be one of {', '.join(TOLERANCE)}, not '{dtype}'")
     model, tokenizer = load(base, dtype=dtype)  # never quantised: see module docstring
     check_compatible(model, adapter, base)
-    peft_model = PeftModel.from_pretrained(model, str(adapter))
+    with warnings.catch_warnings():  # peft calls a deprecated transformers method
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = PeftModel.from_pretrained(model, str(adapter))
     expected = probe_logits(peft_model, tokenizer)  # base + adapter, computed unmerged
     merged = peft_model.merge_and_unload()
     template = recorded(adapter, "template")
+    # Saving imports DeepSpeed (through accelerate), which guesses the accelerator and logs
+    # the guess; we already know it.
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     with atomic_dir(Path(out), force) as tmp, _no_progress_bars():
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)  # includes the chat template (chat_template.jinja)
