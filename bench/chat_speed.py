@@ -6,8 +6,9 @@ memory is that process's max RSS), every prompt is answered by
 - plain:  ``model.generate(**inputs, max_new_tokens=N)`` with the model's defaults
           (greedy, dynamic cache), the way most tutorials call it;
 - tutor:  ``tutor.chat.generate`` with tutor's default settings (what `tutor chat`
-          and `ChatSession` run);
-- tutor+static: the same with a static KV cache (``cache_implementation="static"``).
+          and `ChatSession` run: greedy + prompt-lookup decoding, streamer, stop words);
+- static: plain generate with a static KV cache (``cache_implementation="static"``),
+          the usual first step towards torch.compile.
 
 Runs alternate (plain, tutor, static, plain, ...) so that load from other processes
 hits all of them alike; the median of the repeats is reported. Output equality is
@@ -97,7 +98,8 @@ def one_precision(name: str, max_new_tokens: int, repeats: int) -> dict:
 
 def table(results: dict) -> str:
     lines = ["| precision | prompt | new tokens | plain generate tok/s | tutor tok/s | "
-             "tutor / plain | static cache tok/s | same output | weights MiB | peak RSS MiB |",
+             "tutor / plain | generate + static cache tok/s | same output | weights MiB | "
+             "peak RSS MiB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, res in results.items():
         for r in res["rows"]:
