@@ -20,16 +20,16 @@ TUTOR = [sys.executable, "-m", "tutor"]
 def test_stop_word_filter_holds_back_a_forming_stop_word_and_cuts_it():
     got: list[str] = []
     f = _StopWordFilter(["### Human:"], got.append)
-    for piece in ["Paris is ", "the capital.\n#", "## Hu", "man: next question"]:
+    for piece in ["\nParis is ", "the capital.\n#", "## Hu", "man: next question"]:
         f.feed(piece)
     f.feed("", final=True)
-    assert got == ["Paris is ", "the capital.\n"]
-    assert (f.text, f.stopped) == ("Paris is the capital.\n", True)
+    assert got == ["Paris is", " the capital."]  # whitespace waits: it may end the answer
+    assert (f.text, f.stopped) == ("\nParis is the capital.\n", True)
     g: list[str] = []
     f = _StopWordFilter(["### Human:"], g.append)
     f.feed("a #")
-    f.feed("# b", final=True)  # not a stop word after all: released at the end
-    assert g == ["a ", "## b"] and not f.stopped
+    f.feed("# b ", final=True)  # not a stop word after all: released at the end
+    assert g == ["a", " ## b"] and not f.stopped
 
 
 def test_settings_greedy_by_default_and_validated():
@@ -132,7 +132,9 @@ def test_end_to_end_train_convert_merge_chat(bundled, tmp_path):
     with_adapter = PeftModel.from_pretrained(model, str(adapter)).eval()
     try:
         expected = ask(with_adapter, tok, question, template="chatml")
-        moved = (probe_logits(with_adapter, tok) - probe_logits(model, tok)).abs().max()
+        with with_adapter.disable_adapter():  # the LoRA layers live inside `model` now
+            base_logits = probe_logits(with_adapter, tok)
+        moved = (probe_logits(with_adapter, tok) - base_logits).abs().max()
     finally:
         with_adapter.unload()  # give the shared fixture its plain weights back
     assert moved > 100 * report.max_abs_diff  # 3 steps changed the model far beyond rounding

@@ -92,13 +92,15 @@ class _StopWordFilter:
 
     Stop words that are special tokens never reach the text (they are skipped when
     decoding); this handles stop words written as plain text, e.g. "### Human:".
+    Leading whitespace is dropped and trailing whitespace waits for more text, so the
+    pieces sent always join to `text.strip()`, the answer that is returned and kept.
     """
 
     def __init__(self, stop_words: Sequence[str], on_text: TextCallback | None) -> None:
         self.stop_words = [w for w in stop_words if w]
         self.on_text = on_text
-        self.text = ""  # everything decoded so far
-        self.sent = 0  # how many characters of `text` went to `on_text`
+        self.text = ""  # everything decoded so far, cut at the first stop word
+        self.sent = 0  # `text[:sent]` has been passed to `on_text`
         self.stopped = False
 
     def feed(self, piece: str, final: bool = False) -> None:
@@ -109,10 +111,13 @@ class _StopWordFilter:
                   default=-1)
         if cut >= 0:
             self.text, self.stopped, final = self.text[:cut], True, True
-        safe = len(self.text) if final else len(self.text) - self._held_back()
-        if safe > self.sent and self.on_text is not None:
-            self.on_text(self.text[self.sent:safe])
-        self.sent = max(self.sent, safe)
+        ready = self.text if final else self.text[:len(self.text) - self._held_back()]
+        end = len(ready.rstrip())
+        start = max(self.sent, len(self.text) - len(self.text.lstrip()))
+        if end > start:
+            if self.on_text is not None:
+                self.on_text(self.text[start:end])
+            self.sent = end
 
     def _held_back(self) -> int:
         """Length of the longest tail of `text` that is a proper prefix of a stop word."""
