@@ -79,9 +79,12 @@ def measure(model, tok, template, messages, max_new_tokens: int, repeats: int) -
     return row
 
 
-def one_precision(name: str, max_new_tokens: int, repeats: int) -> dict:
+def one_precision(name: str, max_new_tokens: int, repeats: int, threads: int | None) -> dict:
     """Benchmark one precision in this process; return its rows and peak memory."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from tutor.models import footprint_bytes, load
     from tutor.templates import get_template
@@ -116,23 +119,28 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice). On a CPU shared with other "
+                        "jobs, 1 avoids threads waiting for each other at every small op")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child process: one precision
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one_precision(args.one, args.max_new_tokens, args.repeats)))
+        print(json.dumps(one_precision(args.one, args.max_new_tokens, args.repeats,
+                                       args.threads)))
         return
     results = {}
     for name in args.precisions:
-        child = subprocess.run([sys.executable, __file__, "--one", name, "--max-new-tokens",
-                                str(args.max_new_tokens), "--repeats", str(args.repeats)],
-                               capture_output=True, text=True, check=True)
+        cmd = [sys.executable, __file__, "--one", name, "--max-new-tokens",
+               str(args.max_new_tokens), "--repeats", str(args.repeats)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        child = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[name] = json.loads(child.stdout.strip().splitlines()[-1])
-        print(f"{name} done", file=sys.stderr, flush=True)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "chat_speed.json").write_text(json.dumps(results, indent=2) + "\n")
-    md = table(results)
-    (OUT / "chat_speed.md").write_text(md)
-    print(md)
+        # Written after every precision, so an interrupted run keeps what it measured.
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "chat_speed.json").write_text(json.dumps(results, indent=2) + "\n")
+        (OUT / "chat_speed.md").write_text(table(results))
+        print(table(results), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
