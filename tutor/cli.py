@@ -114,9 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--prompt-lookup", type=int, default=10, metavar="N",
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
                    help="greedy only: verify up to N tokens guessed from the conversation "
-                   "per step (default 10; 0 = off)")
+                   "per step (helps when answers copy from the prompt; default 0 = off)")
     p.add_argument("--no-streamer", action="store_true", help="print whole answers at once")
     p.add_argument("--prompt", help="answer this one message and exit (or pipe stdin)")
     p.add_argument("--verbose", action="store_true", help="report tokens/s after each answer")
