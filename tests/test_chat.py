@@ -11,7 +11,7 @@ import sys
 import pytest
 from tiny_lora import tiny_base, train_checkpoint
 
-from tutor.chat import ChatSession, GenerationSettings, _StopWordFilter, ask, reply
+from tutor.chat import ChatSession, GenerationSettings, _StopWordFilter, ask, generate, reply
 from tutor.errors import TutorError
 
 TUTOR = [sys.executable, "-m", "tutor"]
@@ -107,6 +107,11 @@ def test_bundled_session_streams_and_remembers(bundled):
     # same as one token per step.
     fast = ChatSession(model, tok, settings=GenerationSettings(max_new_tokens=24, prompt_lookup=10))
     assert fast.send("What is the capital of France?") == first
+    # A stop word of several tokens stops generate itself (stop_strings), not only the text.
+    ids = tok.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+                     "<|im_start|>assistant\n", add_special_tokens=False)
+    g = generate(model, tok, ids, GenerationSettings(max_new_tokens=30), ["France is"])
+    assert (g.text, g.new_tokens, g.stopped_by) == ("The capital of", 5, "stop word")
 
 
 @pytest.mark.slow

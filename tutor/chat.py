@@ -160,14 +160,16 @@ def generate(
 ) -> Generation:
     """Continue `prompt_ids` (one conversation, already rendered) until a stop word.
 
-    Single-token stop words and EOS stop `generate` itself; multi-token stop words are
-    cut from the text afterwards (and held back from `on_text` while they may be
-    forming). `on_text` receives the answer in pieces as it is decoded.
+    Single-token stop words and EOS stop `generate` as end-of-sequence ids; longer ones
+    stop it as `stop_strings`, are cut from the text, and are held back from `on_text`
+    while they may be forming. `on_text` receives the answer in pieces as it is decoded.
     """
     import torch
 
     settings = settings or GenerationSettings()
     stops = stop_token_ids(tokenizer, stop_words)
+    texts = [w for w in stop_words if len(tokenizer.encode(w, add_special_tokens=False)) > 1]
+    extra = {"stop_strings": texts, "tokenizer": tokenizer} if texts else {}
     filt = _StopWordFilter(stop_words, on_text)
     input_ids = torch.tensor([prompt_ids], device=model.device)  # (1, T)
     start = time.perf_counter()
@@ -178,6 +180,7 @@ def generate(
             eos_token_id=stops,
             pad_token_id=tokenizer.pad_token_id,
             streamer=_streamer(tokenizer, filt),
+            **extra,
             **settings.generate_kwargs(),
         )
     seconds = time.perf_counter() - start
