@@ -35,6 +35,105 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenizer(name: str):
+    """Only the tokenizer of a model (bundled name, directory or hub id): data commands
+    need no weights."""
+    from transformers import AutoTokenizer
+
+    from tutor.models import resolve
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve(name))
+    except OSError as exc:
+        raise TutorError(f"could not load the tokenizer of '{name}': "
+                         f"{str(exc).splitlines()[0]}") from exc
+
+
+def _cmd_data_convert(args: argparse.Namespace) -> int:
+    import json
+    import os
+    from pathlib import Path
+
+    from tutor.formats import iter_conversations
+
+    out = Path(args.out)
+    if out.suffix != ".jsonl":
+        raise TutorError(f"{out}: the output must be a .jsonl file (one conversation per line)")
+    rows = [messages for _, messages in iter_conversations(args.input, args.format)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for messages in rows:
+                f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+        tmp.replace(out)  # atomic: a failed run never leaves a half-written file
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {len(rows)} conversations to {out}")
+    return 0
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from tutor.datacheck import check_file, format_report
+
+    report = check_file(args.file, _tokenizer(args.model), args.template, args.max_length,
+                        args.format)
+    print(format_report(report))
+    return 1 if report.errors else 0
+
+
+def _cmd_data_show(args: argparse.Namespace) -> int:
+    from tutor.data import encode
+    from tutor.formats import iter_conversations
+    from tutor.viz import ansi_legend, mask_ansi
+
+    tokenizer = _tokenizer(args.model)
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    print(ansi_legend(color))
+    for i, (where, messages) in enumerate(iter_conversations(args.file, args.format)):
+        if i >= args.n:
+            break
+        sample = encode(messages, tokenizer, args.template, args.max_length)
+        trained = sum(label != -100 for label in sample["labels"])
+        print(f"\n── {where}: {len(sample['input_ids'])} tokens, {trained} trained ──")
+        print(mask_ansi(sample["input_ids"], sample["labels"], tokenizer, color=color))
+    return 0
+
+
+def _add_data_parser(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="convert, check and show datasets")
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    formats = ("auto", "openai", "alpaca", "sharegpt", "xtuner", "qa", "text")
+
+    def common(p: argparse.ArgumentParser, tokenizer: bool = True) -> None:
+        p.add_argument("--format", default="auto", choices=formats, help="record format")
+        if tokenizer:
+            p.add_argument("--template", default="auto", help="chat template name (auto = "
+                           "the tokenizer's own)")
+            p.add_argument("--max-length", type=int, default=None, help="truncate to N tokens")
+            p.add_argument("--model", default="smollm2-135m-instruct",
+                           help="whose tokenizer to use (bundled name, dir or hub id)")
+
+    p = dsub.add_parser("convert", help="any supported file → messages JSONL (atomic write)")
+    p.add_argument("input", help=".jsonl, .json or .csv file")
+    p.add_argument("out", help="output .jsonl")
+    common(p, tokenizer=False)
+    p.set_defaults(handler=_cmd_data_convert)
+
+    p = dsub.add_parser("check", help="counts, token lengths, trained share, problems "
+                        "(exit 1 on errors)")
+    p.add_argument("file")
+    common(p)
+    p.set_defaults(handler=_cmd_data_check)
+
+    p = dsub.add_parser("show", help="print samples with trained tokens highlighted")
+    p.add_argument("file")
+    p.add_argument("-n", type=int, default=2, help="how many samples")
+    p.add_argument("--color", default="auto", choices=("auto", "always", "never"))
+    common(p)
+    p.set_defaults(handler=_cmd_data_show)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tutor",
@@ -51,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m-instruct", help="bundled name, dir or hub id")
     p.add_argument("--bits", type=int, choices=(4, 8), default=None, help="load quantised")
     p.set_defaults(handler=_cmd_demo)
+
+    _add_data_parser(sub)
     return parser
 
 

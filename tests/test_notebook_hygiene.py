@@ -1,0 +1,85 @@
+"""Notebook hygiene: committed notebooks are clean, executed in order, and do not drift.
+
+nbval re-executes the notebooks; this file checks what is *committed*, which is what a
+reader sees on a code host: outputs present and in order, no widget state, no errors,
+no oversized outputs, and no production logic defined only in a notebook.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+NBS = Path(__file__).resolve().parent.parent / "nbs"
+NOTEBOOKS = sorted(NBS.glob("**/*.ipynb"))
+MAX_OUTPUT_BYTES = 300_000  # one figure at 100 dpi is ~30–80 kB; anything larger is noise
+MAX_NOTEBOOK_BYTES = 2_000_000
+
+
+def _code_cells(nb: dict) -> list[dict]:
+    return [c for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+def _python_source(cell: dict) -> str:
+    # IPython magics and shell escapes are not Python; blank them before parsing.
+    lines = "".join(cell["source"]).splitlines()
+    return "\n".join("" if ln.lstrip().startswith(("%", "!")) else ln for ln in lines)
+
+
+@pytest.fixture(params=NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def notebook(request) -> tuple[Path, dict]:
+    path: Path = request.param
+    return path, json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_there_are_notebooks():
+    assert (NBS / "00_quickstart.ipynb") in NOTEBOOKS
+
+
+def test_no_widget_state(notebook):
+    path, nb = notebook
+    assert "widgets" not in nb.get("metadata", {}), f"{path.name}: strip widget state"
+
+
+def test_no_error_outputs(notebook):
+    path, nb = notebook
+    for i, cell in enumerate(_code_cells(nb)):
+        kinds = [o["output_type"] for o in cell.get("outputs", [])]
+        assert "error" not in kinds, f"{path.name}: code cell {i} has an error output"
+
+
+def test_executed_in_order(notebook):
+    path, nb = notebook
+    counts = [c.get("execution_count") for c in _code_cells(nb)]
+    assert counts == list(range(1, len(counts) + 1)), (
+        f"{path.name}: execution counts {counts}; re-run it top to bottom with "
+        f"`python tools/run_notebooks.py {path.relative_to(NBS.parent)}`"
+    )
+
+
+def test_outputs_are_small(notebook):
+    path, nb = notebook
+    assert path.stat().st_size <= MAX_NOTEBOOK_BYTES, f"{path.name} is too large"
+    for i, cell in enumerate(_code_cells(nb)):
+        for out in cell.get("outputs", []):
+            size = len(json.dumps(out))
+            assert size <= MAX_OUTPUT_BYTES, f"{path.name}: cell {i} output is {size} bytes"
+
+
+def test_no_functions_or_classes_defined(notebook):
+    """Logic lives in `tutor/`; a notebook that defines functions has drifted from the package."""
+    path, nb = notebook
+    for i, cell in enumerate(_code_cells(nb)):
+        tree = ast.parse(_python_source(cell))
+        defined = [n.name for n in ast.walk(tree)
+                   if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)]
+        assert not defined, f"{path.name}: cell {i} defines {defined}; move them into tutor/"
+
+
+def test_ends_with_checks(notebook):
+    path, nb = notebook
+    last_code = "".join(_code_cells(nb)[-1]["source"])
+    assert "assert" in last_code, f"{path.name}: the last code cell should assert the lesson"

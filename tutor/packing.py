@@ -1,0 +1,360 @@
+"""Multi-sample packing: many short samples in few fixed-length rows, and still exact.
+
+Data flow: ``encode()`` gives samples ``{"input_ids": [...], "labels": [...]}`` →
+:func:`pack` groups them into packs of at most ``max_length`` tokens → :func:`collate`
+turns a batch of packs into tensors for ``model(**batch)``. :class:`PackedDataset`
+wraps both for ``transformers.Trainer`` (one packing per epoch).
+
+Packing is exact only with *isolation*: a token may attend to earlier tokens of its own
+sample and nothing else. With transformers 5.23, SDPA/eager do not infer that from
+restarted ``position_ids`` once an ``attention_mask`` is passed, so :func:`collate` builds a
+4-D block-diagonal causal mask for them; flash-attention-2 instead gets one flattened row
+whose restarted ``position_ids`` transformers turns into ``cu_seqlens`` (varlen kernels).
+
+Loss: ``collate`` sets the label of every sample's first token to -100, so the last token
+of one sample is never trained to predict the first token of the next. transformers'
+causal-LM loss is then the mean over all trained tokens of the batch, which is exactly the
+token-weighted mean of the same samples run one by one (tests/test_packing.py checks it).
+
+Not handled here: splitting a long sample across packs (it is truncated or dropped, and
+counted), flex-attention block masks, packing for generation (no KV cache), and models
+whose loss is not transformers' ``ForCausalLMLoss``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from tutor.errors import TutorError
+
+if TYPE_CHECKING:
+    import torch
+
+IGNORE_INDEX = -100
+STRATEGIES = ("bfd", "greedy")
+OVERFLOWS = ("truncate", "drop")
+MASK_BACKENDS = ("sdpa", "eager")  # get a 4-D mask
+VARLEN_BACKENDS = ("flash_attention_2", "flash_attention_3")  # get position_ids only
+
+Sample = dict[str, list[int]]  # {"input_ids": [...], "labels": [...]} of equal length
+# A pack: the concatenated samples, positions restarting at 0 per sample, input indices.
+Pack = dict[str, list[int]]  # {"input_ids", "labels", "position_ids", "indices"}
+
+
+@dataclass
+class Packs(Sequence):
+    """The result of :func:`pack`: a sequence of packs plus what happened to long samples."""
+
+    packs: list[Pack]
+    max_length: int
+    strategy: str
+    truncated: int = 0  # samples cut to max_length (overflow="truncate")
+    dropped: int = 0  # samples left out because longer than max_length (overflow="drop")
+    lengths: list[int] = field(default_factory=list, repr=False)  # per pack, real tokens
+
+    def __len__(self) -> int:
+        return len(self.packs)
+
+    def __getitem__(self, i):  # int → Pack, slice → list[Pack]
+        return self.packs[i]
+
+    @property
+    def utilisation(self) -> float:
+        """Real tokens / slots, every pack counted as a full row of ``max_length``."""
+        return sum(self.lengths) / (len(self.packs) * self.max_length) if self.packs else 0.0
+
+    @property
+    def min_packs(self) -> int:
+        """Fewest packs any packer could use: ceil(tokens / max_length)."""
+        return -(-sum(self.lengths) // self.max_length)
+
+    def stats(self) -> dict[str, Any]:
+        """Counts and utilisation, ready to print or log."""
+        return {
+            "strategy": self.strategy,
+            "max_length": self.max_length,
+            "packs": len(self.packs),
+            "min_packs": self.min_packs,
+            "samples": sum(len(p["indices"]) for p in self.packs),
+            "tokens": sum(self.lengths),
+            "utilisation": self.utilisation,
+            "truncated": self.truncated,
+            "dropped": self.dropped,
+        }
+
+
+def _check_sample(i: int, s: Any) -> int:
+    """Length of sample `i`, or a TutorError naming what is wrong with it."""
+    if not isinstance(s, dict) or "input_ids" not in s or "labels" not in s:
+        raise TutorError(
+            f"sample {i}: expected a dict with 'input_ids' and 'labels' (from encode())"
+        )
+    n = len(s["input_ids"])
+    if n == 0:
+        raise TutorError(f"sample {i}: 'input_ids' is empty")
+    if len(s["labels"]) != n:
+        raise TutorError(f"sample {i}: 'labels' has {len(s['labels'])} items, 'input_ids' has {n}")
+    return n
+
+
+def _greedy(lengths: Mapping[int, int], order: list[int], max_length: int) -> list[list[int]]:
+    """XTuner-style next-fit: walk the samples in order, start a new pack when one won't fit."""
+    bins: list[list[int]] = []
+    used = max_length  # forces a new pack for the first sample
+    for i in order:
+        if used + lengths[i] > max_length:
+            bins.append([])
+            used = 0
+        bins[-1].append(i)
+        used += lengths[i]
+    return bins
+
+
+def _bfd(lengths: Mapping[int, int], order: list[int], max_length: int) -> list[list[int]]:
+    """Best-fit decreasing: longest first, each into the open pack it fills most tightly.
+
+    ``free`` is kept sorted as (remaining, pack id), so the best fit is one bisect away
+    (O(n log n) search; list insertion is a C memmove).
+    """
+    by_size = sorted(order, key=lambda i: -lengths[i])  # stable: ties keep `order`
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []
+    for i in by_size:
+        n = lengths[i]
+        j = bisect.bisect_left(free, (n, -1))  # smallest remaining space that still fits n
+        if j < len(free):
+            remaining, b = free.pop(j)
+        else:
+            remaining, b = max_length, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if remaining - n > 0:
+            bisect.insort(free, (remaining - n, b))
+    return bins
+
+
+def pack(
+    samples: Iterable[Sample],
+    max_length: int,
+    strategy: str = "bfd",
+    overflow: str = "truncate",
+    seed: int | None = None,
+) -> Packs:
+    """Group samples into packs of at most `max_length` tokens.
+
+    strategy: ``"bfd"`` (best-fit decreasing, fewest padding slots) or ``"greedy"`` (in
+    order, XTuner-style). overflow: a sample longer than `max_length` is cut to its first
+    `max_length` tokens (``"truncate"``) or left out (``"drop"``); both are counted in the
+    result. seed: ``None`` keeps the input order (greedy) / size order (bfd); an int
+    shuffles samples (greedy) or ties and the order of packs (bfd), reproducibly.
+
+    >>> s = lambda n: {"input_ids": [1] * n, "labels": [1] * n}
+    >>> [seq_lens(p) for p in pack([s(3), s(6), s(2), s(4)], 8)]
+    [[6, 2], [4, 3]]
+    >>> [seq_lens(p) for p in pack([s(3), s(6), s(2), s(4)], 8, strategy="greedy")]
+    [[3], [6, 2], [4]]
+    """
+    if strategy not in STRATEGIES:
+        raise TutorError(f"pack: strategy={strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if overflow not in OVERFLOWS:
+        raise TutorError(f"pack: overflow={overflow!r}; choose one of {', '.join(OVERFLOWS)}")
+    if not isinstance(max_length, int) or max_length < 1:
+        raise TutorError(f"pack: max_length must be a positive int, got {max_length!r}")
+    kept: dict[int, Sample] = {}
+    truncated = dropped = 0
+    for i, s in enumerate(samples):
+        n = _check_sample(i, s)
+        if n > max_length:
+            if overflow == "drop":
+                dropped += 1
+                continue
+            truncated += 1
+            s = {"input_ids": s["input_ids"][:max_length], "labels": s["labels"][:max_length]}
+        kept[i] = s
+    lengths = {i: len(s["input_ids"]) for i, s in kept.items()}
+    order = list(kept)
+    rng = random.Random(seed)
+    if seed is not None:
+        rng.shuffle(order)
+    packer = _bfd if strategy == "bfd" else _greedy
+    bins = packer(lengths, order, max_length)
+    if seed is not None and strategy == "bfd":
+        rng.shuffle(bins)  # otherwise the longest samples would all come first
+    packs = [_join([kept[i] for i in b], b) for b in bins]
+    return Packs(
+        packs, max_length, strategy, truncated, dropped, [len(p["input_ids"]) for p in packs]
+    )
+
+
+def _join(samples: list[Sample], indices: list[int]) -> Pack:
+    return {
+        "input_ids": [t for s in samples for t in s["input_ids"]],
+        "labels": [t for s in samples for t in s["labels"]],
+        # Restarting positions mark where each sample begins. They are also a forward
+        # argument of the model, so Trainer's remove_unused_columns keeps them.
+        "position_ids": [k for s in samples for k in range(len(s["input_ids"]))],
+        "indices": list(indices),  # informational; Trainer drops it before collate
+    }
+
+
+def seq_lens(p: Pack) -> list[int]:
+    """Lengths of the samples in pack `p`, read from its restarting ``position_ids``."""
+    starts = [k for k, pos in enumerate(p["position_ids"]) if pos == 0]
+    return [b - a for a, b in zip(starts, starts[1:] + [len(p["position_ids"])], strict=True)]
+
+
+def padding_utilisation(
+    lengths: Sequence[int], batch_size: int, max_length: int | None = None
+) -> float:
+    """The baseline without packing: real tokens / slots when batches are padded.
+
+    Batches are `batch_size` consecutive samples; each row is padded to the longest in its
+    batch (dynamic padding), or to `max_length` when given (static padding).
+    """
+    if not lengths:
+        return 0.0
+    slots = 0
+    for b in range(0, len(lengths), batch_size):
+        batch = lengths[b : b + batch_size]
+        slots += len(batch) * (max_length if max_length is not None else max(batch))
+    return sum(lengths) / slots
+
+
+def collate(
+    packs: Sequence[Pack],
+    attn_implementation: str = "sdpa",
+    pad_token_id: int = 0,
+    mask_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Batch packs into tensors for ``model(**batch)``, each sample isolated.
+
+    Returns ``input_ids``, ``labels``, ``position_ids`` and, for SDPA/eager,
+    ``attention_mask``. Rows are right-padded to the longest pack in the batch; padding is
+    its own block, never a label, and its id (`pad_token_id`) cannot affect real tokens.
+
+    - ``"sdpa"``: ``attention_mask`` is bool ``(B, 1, L, L)``, True = may attend.
+    - ``"eager"``: the same mask as additive float (0 or the dtype's minimum) in
+      `mask_dtype` (default float32): eager *adds* the mask to the scores, so a bool mask
+      would be silently wrong there.
+    - ``"flash_attention_2"``/``"_3"``: all packs are flattened into one row ``(1, T)``,
+      no mask; transformers derives ``cu_seqlens`` from the restarted ``position_ids``
+      (its varlen path needs batch size 1). Unverified here: no GPU on our machines.
+
+    Two packs with ``seq_lens`` [3, 2] and [4] (``.`` = masked, ``p`` = padding's block)::
+
+        input_ids    a a a b b | c c c c        position_ids  0 1 2 0 1 | 0 1 2 3 0
+        labels       - a a - b | - c c c        (first token of a sample: -100)
+        mask of row 0 (query ↓, key →), L = 5:
+            1 . . . .
+            1 1 . . .
+            1 1 1 . .
+            . . . 1 .
+            . . . 1 1
+        mask of row 1:
+            1 . . . .
+            1 1 . . .
+            1 1 1 . .
+            1 1 1 1 .
+            . . . . p
+
+    Not handled: packs longer than you can afford as an L×L mask (it is O(L²) memory).
+    """
+    import torch
+
+    if attn_implementation not in MASK_BACKENDS + VARLEN_BACKENDS:
+        raise TutorError(
+            f"collate: attn_implementation={attn_implementation!r} is not supported; "
+            f"use one of {', '.join(MASK_BACKENDS + VARLEN_BACKENDS)}"
+        )
+    if not packs:
+        raise TutorError("collate: got no packs")
+    for r, p in enumerate(packs):
+        if not isinstance(p, dict) or not {"input_ids", "labels", "position_ids"} <= p.keys():
+            raise TutorError(
+                f"collate: pack {r} lacks input_ids/labels/position_ids; build it with pack()"
+            )
+    if attn_implementation in VARLEN_BACKENDS:
+        packs = [_flatten(packs)]
+    B, L = len(packs), max(len(p["input_ids"]) for p in packs)
+    input_ids = torch.full((B, L), pad_token_id, dtype=torch.long)
+    labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.arange(L).repeat(B, 1)  # (B, L); real part overwritten below
+    for r, p in enumerate(packs):
+        n = len(p["input_ids"])
+        input_ids[r, :n] = torch.tensor(p["input_ids"])
+        labels[r, :n] = torch.tensor(p["labels"])
+        position_ids[r, :n] = torch.tensor(p["position_ids"])
+        position_ids[r, n:] -= n  # the padding tail counts from 0: a block of its own
+    starts = position_ids == 0  # (B, L) first token of each sample (and of the padding)
+    labels[starts] = IGNORE_INDEX  # never a target for the previous sample's last token
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    if attn_implementation in MASK_BACKENDS:
+        segment = starts.cumsum(-1)  # (B, L) which block each token is in
+        causal = torch.ones(L, L, dtype=torch.bool).tril()
+        allowed = (segment[:, :, None] == segment[:, None, :]) & causal  # (B, L, L)
+        allowed = allowed[:, None]  # (B, 1, L, L): one mask shared by all heads
+        if attn_implementation == "eager":
+            dtype = mask_dtype or torch.float32
+            zero = torch.zeros((), dtype=dtype)
+            allowed = torch.where(allowed, zero, torch.finfo(dtype).min)
+        batch["attention_mask"] = allowed
+    return batch
+
+
+def _flatten(packs: Sequence[Pack]) -> Pack:
+    """All packs as one long pack (the flash-attention varlen layout)."""
+    return {k: [x for p in packs for x in p[k]] for k in ("input_ids", "labels", "position_ids")}
+
+
+def collator_for(model: Any, pad_token_id: int = 0) -> Callable[[Sequence[Pack]], dict]:
+    """`collate` set up for `model`'s attention backend and dtype (a Trainer data_collator)."""
+    impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    return partial(
+        collate, attn_implementation=impl, pad_token_id=pad_token_id, mask_dtype=model.dtype
+    )
+
+
+class PackedDataset:
+    """A map-style dataset of packs for ``transformers.Trainer``, re-packed each epoch.
+
+    Trainer (through accelerate) calls ``set_epoch(epoch)`` before every epoch; with
+    ``reshuffle=True`` the samples are re-packed with seed ``seed + epoch``, so packs
+    change between epochs while any run stays reproducible. Use with
+    ``data_collator=collate`` (SDPA) or ``collator_for(model)``.
+
+    Note: with ``strategy="greedy"`` the number of packs may change between epochs, and
+    Trainer sizes its schedule from epoch 0; bfd's count depends only on the lengths.
+    """
+
+    def __init__(
+        self,
+        samples: Iterable[Sample],
+        max_length: int,
+        strategy: str = "bfd",
+        overflow: str = "truncate",
+        seed: int = 0,
+        reshuffle: bool = True,
+    ) -> None:
+        self.samples = list(samples)
+        self.max_length, self.strategy, self.overflow = max_length, strategy, overflow
+        self.seed, self.reshuffle = seed, reshuffle
+        self.epoch = 0
+        self.packs = pack(self.samples, max_length, strategy, overflow, seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Re-pack for `epoch` (a no-op when ``reshuffle`` is False)."""
+        self.epoch = epoch
+        if self.reshuffle:
+            seed = self.seed + epoch
+            self.packs = pack(self.samples, self.max_length, self.strategy, self.overflow, seed)
+
+    def __len__(self) -> int:
+        return len(self.packs)
+
+    def __getitem__(self, i: int) -> Pack:
+        return self.packs[i]
