@@ -1,20 +1,266 @@
-"""Talking to a model: one reply from a list of messages.
+"""Talking to a model: a chat session with history, templates, stop words and streaming.
 
-This is the seed of the chat module (sessions, streaming, stop words and the
-terminal loop grow here). The prompt is built with the tokenizer's own chat
-template, so the model sees exactly the format it was trained on.
+A `ChatSession` keeps the conversation, renders it with a chat template (the one the
+model was trained with: `tutor.templates`), trims the oldest turns when the prompt
+would not fit the context window, decodes with `model.generate` (greedy by default,
+so answers are reproducible) and stops at the template's end-of-turn words. Text can
+be streamed to a callback as it is generated; the terminal loop (`tutor.chat_repl`)
+and the notebook widget (`tutor.chat_widget`) are thin layers over the same session.
 
-Not handled here yet: history trimming, streaming, named templates.
+`reply()` / `ask()` are the one-shot helpers used by the quickstart and the demo.
+
+Not handled here: batched chats (one conversation at a time), tool calls, images, or
+token-exact continuation of a cache between turns (each turn re-encodes the prompt;
+for a chat of a few thousand tokens on a small model that costs one prefill).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tutor.errors import TutorError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from tutor.templates import ChatTemplate
+
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
+TextCallback = Callable[[str], None]
+
+
+@dataclass
+class GenerationSettings:
+    """How to decode. `temperature == 0` means greedy (the default: reproducible).
+
+    `prompt_lookup` > 0 turns on prompt-lookup decoding for greedy chats: n-gram
+    guesses copied from the conversation are verified in one forward pass. On a CPU
+    decoding is bound by reading the weights, so checking several tokens costs about
+    as much as one; with greedy decoding the output is the same token sequence.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    prompt_lookup: int = 0
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `model.generate` (sampling only when temperature > 0)."""
+        if self.max_new_tokens < 1:
+            raise TutorError(f"max_new_tokens must be >= 1, not {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+            raise TutorError(
+                "need temperature >= 0, 0 < top_p <= 1 and repetition_penalty > 0 "
+                f"(got {self.temperature}, {self.top_p}, {self.repetition_penalty})"
+            )
+        kw: dict[str, Any] = {"max_new_tokens": self.max_new_tokens}
+        if self.repetition_penalty != 1.0:
+            kw["repetition_penalty"] = self.repetition_penalty
+        if self.temperature > 0:
+            kw.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        else:
+            kw["do_sample"] = False
+            if self.prompt_lookup > 0:
+                kw["prompt_lookup_num_tokens"] = self.prompt_lookup
+        return kw
+
+
+@dataclass
+class Generation:
+    """One generated turn: its text (stop words removed), token count and wall time."""
+
+    text: str
+    new_tokens: int
+    prompt_tokens: int
+    seconds: float
+    stopped_by: str = "length"  # "stop word", "eos" or "length"
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+
+class _StopWordFilter:
+    """Pass streamed text on, holding back anything that may be the start of a stop word.
+
+    Stop words that are special tokens never reach the text (they are skipped when
+    decoding); this handles stop words written as plain text, e.g. "### Human:".
+    """
+
+    def __init__(self, stop_words: Sequence[str], on_text: TextCallback | None) -> None:
+        self.stop_words = [w for w in stop_words if w]
+        self.on_text = on_text
+        self.text = ""  # everything decoded so far
+        self.sent = 0  # how many characters of `text` went to `on_text`
+        self.stopped = False
+
+    def feed(self, piece: str, final: bool = False) -> None:
+        if self.stopped:
+            return
+        self.text += piece
+        cut = min((i for i in (self.text.find(w) for w in self.stop_words) if i >= 0),
+                  default=-1)
+        if cut >= 0:
+            self.text, self.stopped, final = self.text[:cut], True, True
+        safe = len(self.text) if final else len(self.text) - self._held_back()
+        if safe > self.sent and self.on_text is not None:
+            self.on_text(self.text[self.sent:safe])
+        self.sent = max(self.sent, safe)
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of `text` that is a proper prefix of a stop word."""
+        best = 0
+        for w in self.stop_words:
+            for k in range(min(len(w) - 1, len(self.text)), best, -1):
+                if self.text.endswith(w[:k]):
+                    best = k
+                    break
+        return best
+
+
+def _streamer(tokenizer: PreTrainedTokenizerBase, filt: _StopWordFilter) -> Any:
+    """A transformers `TextStreamer` whose finished pieces go into `filt`, not stdout."""
+    from transformers import TextStreamer
+
+    class _Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            filt.feed(text, final=stream_end)
+
+    return _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, stop_words: Sequence[str]) -> list[int]:
+    """EOS plus every stop word that is a single token (those stop `generate` directly)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for word in stop_words:
+        tok = tokenizer.encode(word, add_special_tokens=False)
+        if len(tok) == 1:
+            ids.add(tok[0])
+    return sorted(ids)
+
+
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[int],
+    settings: GenerationSettings | None = None,
+    stop_words: Sequence[str] = (),
+    on_text: TextCallback | None = None,
+) -> Generation:
+    """Continue `prompt_ids` (one conversation, already rendered) until a stop word.
+
+    Single-token stop words and EOS stop `generate` itself; multi-token stop words are
+    cut from the text afterwards (and held back from `on_text` while they may be
+    forming). `on_text` receives the answer in pieces as it is decoded.
+    """
+    import torch
+
+    settings = settings or GenerationSettings()
+    stops = stop_token_ids(tokenizer, stop_words)
+    filt = _StopWordFilter(stop_words, on_text)
+    input_ids = torch.tensor([prompt_ids], device=model.device)  # (1, T)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            eos_token_id=stops,
+            pad_token_id=tokenizer.pad_token_id,
+            streamer=_streamer(tokenizer, filt),
+            **settings.generate_kwargs(),
+        )
+    seconds = time.perf_counter() - start
+    new = out[0, input_ids.shape[1]:].tolist()  # (T_new,)
+    stopped_by = "eos" if new and new[-1] in stops else "length"
+    if filt.stopped:
+        stopped_by = "stop word"
+    return Generation(filt.text.strip(), len(new), len(prompt_ids), seconds, stopped_by)
+
+
+def context_window(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    """Tokens the model can attend to: the config's limit, or the tokenizer's if smaller."""
+    limits = [getattr(model.config, "max_position_embeddings", None),
+              getattr(tokenizer, "model_max_length", None)]
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < 10**9]
+    if not limits:
+        raise TutorError("cannot tell the model's context window; pass context_window=")
+    return min(limits)
+
+
+@dataclass
+class ChatSession:
+    """A multi-turn conversation with one model.
+
+    `template`: a name from `tutor.templates.list_templates()` ("auto" = the
+    tokenizer's own Jinja) or a `ChatTemplate`. `history` holds user/assistant
+    messages; the system prompt is kept apart so `/reset` can keep it.
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    template: str | ChatTemplate = "auto"
+    system: str | None = None
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    context_window: int | None = None
+    history: list[Message] = field(default_factory=list)
+    trimmed: int = 0  # messages dropped from the front of `history` so far
+    last: Generation | None = None
+
+    def __post_init__(self) -> None:
+        from tutor.templates import get_template
+
+        if isinstance(self.template, str):
+            self.template = get_template(self.template, tokenizer=self.tokenizer)
+        if self.context_window is None:
+            self.context_window = context_window(self.model, self.tokenizer)
+
+    def messages(self, user_text: str | None = None) -> list[Message]:
+        """The conversation as the model sees it: system, history, then `user_text`."""
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        msgs += self.history
+        if user_text is not None:
+            msgs.append({"role": "user", "content": user_text})
+        return msgs
+
+    def prompt_ids(self, user_text: str) -> list[int]:
+        """Token ids of the prompt for `user_text`, dropping the oldest turns to fit.
+
+        The prompt plus `max_new_tokens` must fit the context window; whole
+        user/assistant pairs are dropped from the front (never the system prompt or
+        the new message). Raises `TutorError` when even the new message alone is too long.
+        """
+        budget = self.context_window - self.settings.max_new_tokens
+        while True:
+            text = self.template.render(self.messages(user_text), add_generation_prompt=True)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            if len(ids) <= budget:
+                return ids
+            if not self.history:
+                raise TutorError(
+                    f"the message needs {len(ids)} prompt tokens but only {budget} fit "
+                    f"(context {self.context_window} - max_new_tokens "
+                    f"{self.settings.max_new_tokens}); shorten it or lower --max-new-tokens"
+                )
+            del self.history[:2]
+            self.trimmed += 2
+
+    def send(self, user_text: str, on_text: TextCallback | None = None) -> str:
+        """Answer `user_text`, streaming pieces to `on_text`; both turns join the history."""
+        ids = self.prompt_ids(user_text)
+        self.last = generate(self.model, self.tokenizer, ids, self.settings,
+                             self.template.stop_words, on_text)
+        self.history += [{"role": "user", "content": user_text},
+                         {"role": "assistant", "content": self.last.text}]
+        return self.last.text
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.history.clear()
+        self.trimmed = 0
 
 
 def reply(
@@ -22,27 +268,21 @@ def reply(
     tokenizer: PreTrainedTokenizerBase,
     messages: list[Message],
     max_new_tokens: int = 64,
+    template: str | ChatTemplate = "auto",
 ) -> str:
     """Greedy-decode the assistant's next turn after `messages` and return its text.
 
     Greedy (no sampling) so that the same model always gives the same answer: tests
     and notebooks can compare answers before and after fine-tuning.
     """
-    import torch
+    from tutor.templates import get_template
 
-    enc = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
-    enc = {k: v.to(model.device) for k, v in enc.items()}
-    with torch.inference_mode():
-        out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    new_tokens = out[0, enc["input_ids"].shape[1] :]  # (T_new,)
-    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+    if isinstance(template, str):
+        template = get_template(template, tokenizer=tokenizer)
+    text = template.render(messages, add_generation_prompt=True)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    return generate(model, tokenizer, ids, settings, template.stop_words).text
 
 
 def ask(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, question: str, **kw) -> str:
