@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -146,22 +146,23 @@ class TrainingCollator:
     projection and the fp32 cross-entropy run on those rows only. Positions dropped are
     all -100 targets, which the mean ignores anyway: the loss is unchanged.
 
-    It also counts tokens (``all_tokens``: real, non-padding; ``trained_tokens``: with
-    a target) for the throughput callback.
+    Each batch's token counts (real tokens, tokens with a target) are handed to
+    `on_batch` when set (the throughput callback listens there).
     """
 
     def __init__(self, attn_implementation: str, pad_token_id: int, keep_logits: bool = True):
         self.attn_implementation, self.pad_token_id = attn_implementation, pad_token_id
         self.keep_logits = keep_logits
-        self.all_tokens = self.trained_tokens = 0
+        self.on_batch: Callable[[tuple[int, int]], None] | None = None
 
     def __call__(self, packs: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         from tutor.packing import collate
 
         batch = collate(packs, self.attn_implementation, self.pad_token_id)
         targets = batch["labels"][:, 1:]  # (B, L-1): target of position t is label t+1
-        self.all_tokens += sum(len(p["input_ids"]) for p in packs)
-        self.trained_tokens += int((targets != -100).sum())
+        if self.on_batch is not None:
+            real = sum(len(p["input_ids"]) for p in packs)
+            self.on_batch((real, int((targets != -100).sum())))
         if self.keep_logits:
             keep = (targets != -100).any(dim=0).nonzero().squeeze(-1)  # (K,) positions
             batch["logits_to_keep"] = keep
