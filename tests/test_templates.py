@@ -21,9 +21,21 @@ FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
 # name -> (bos_token, eos_token) the family's tokenizer passes to its Jinja, and the
 # end-of-turn text that must be trained after each answer.
 FAMILIES = {
+    "default": ("", "", "<|im_end|>"),
     "chatml": ("", "", "<|im_end|>"),
+    "qwen_chat": ("", "<|im_end|>", "<|im_end|>"),
+    "internlm2_chat": ("<s>", "</s>", "<|im_end|>"),
+    "internlm_chat": ("<s>", "</s>", "<eoa>"),
+    "llama2_chat": ("<s>", "</s>", " </s>"),
+    "llama3_chat": ("<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>"),
+    "mistral": ("<s>", "</s>", "</s>"),
+    "zephyr": ("<s>", "</s>", "</s>"),
+    "gemma": ("<bos>", "<eos>", "<end_of_turn>"),
+    "phi3_chat": ("<s>", "<|endoftext|>", "<|end|>"),
+    "deepseek_v2": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+    "vicuna": ("<s>", "</s>", "</s>"),
 }
-STRIPPING = set()  # families whose official Jinja strips message content
+STRIPPING = {"llama2_chat", "llama3_chat", "gemma"}  # official Jinja strips contents
 
 SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -67,6 +79,14 @@ CONVERSATIONS = {
         _m("user", "Why?"),
     ],
     "user_only": [_m("user", "Hello there")],
+    "assistant_only": [_m("assistant", "Plain text, as in incremental pretraining.")],
+    "two_users_in_a_row": [_m("user", "One."), _m("user", "Two."), _m("assistant", "Three.")],
+    "whitespace_only_user": [
+        _m("system", "  Be kind.  "),
+        _m("user", " \n "),
+        _m("assistant", "  ok  "),
+    ],
+    "empty_answer": [_m("user", "Say nothing."), _m("assistant", "")],
 }
 
 
@@ -135,8 +155,8 @@ def test_named_template_segments(name, conversation):
             messages, FAMILIES[name][2], name in STRIPPING
         )
         assert all(s.role == "assistant" for s in segments if s.trainable)
-        if agp:  # the generation prompt is the last thing and is never trained
-            assert not segments[-1].trainable
+        if agp and template.generation_prompt:  # last, never trained
+            assert segments[-1] == Segment(template.generation_prompt, "assistant", False)
 
 
 def test_every_registered_template_is_tested():
