@@ -136,14 +136,15 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     import logging
+    import os
 
     from tutor.train import train
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     result = train(args.config, args.set, resume=args.resume, deepspeed=args.deepspeed)
-    m = result.metrics
+    m, rank = result.metrics, os.environ.get("RANK", "0")
     print(
-        f"done: {result.global_step} steps in {m.get('train_runtime', 0):.0f} s, "
+        f"rank {rank} done: {result.global_step} steps in {m.get('train_runtime', 0):.0f} s, "
         f"{m['trained_tok_s']:.0f} trained tok/s ({m['all_tok_s']:.0f} all), "
         f"final loss {m.get('train_loss', float('nan')):.4f}; adapter and config in {result.output_dir}"
     )

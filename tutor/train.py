@@ -209,7 +209,7 @@ def training_arguments(cfg: TrainConfig, precision: str, deepspeed: str | None =
         max_grad_norm=t.max_grad_norm,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        gradient_checkpointing=t.gradient_checkpointing and cfg.bits is None,
+        activation_checkpointing=t.gradient_checkpointing and cfg.bits is None,
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
@@ -255,6 +255,9 @@ def train(
     """
     if isinstance(cfg, str):
         cfg = load_config(cfg, list(overrides))
+    # bitsandbytes' CPU backend warns at import that it cannot fetch an optional kernel
+    # from the hub; offline that is expected (tutor.models silences it the same way).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     if (deepspeed or cfg.deepspeed) and not _has_cuda():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     from transformers import Trainer, set_seed
