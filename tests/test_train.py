@@ -248,3 +248,34 @@ def test_zero2_on_two_cpu_ranks(tmp_path):
     curve = losses(tmp_path / "run")
     assert len(curve) == 6 and curve[-1] < curve[0] - 0.1, curve
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_qlora_gradients_unchanged_by_the_evaluation_chat(tmp_path):
+    """Asking questions mid-training must not leave 4-bit layers in bitsandbytes' CPU
+    inference layout (it has no backward): gradients after it equal those before."""
+    import torch
+
+    from tutor.callbacks import EvaluateChatCallback
+    from tutor.train import build_model
+
+    cfg = config_from_dict({**tiny_recipe(tmp_path), "bits": 4})
+    model, tokenizer = build_model(cfg, "bf16")
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11]])
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_B" in n}
+
+    before = grads()
+    EvaluateChatCallback(cfg, tokenizer)._ask_all(model, 0, is_main=False)
+    assert model.training
+    packed = [m for m in model.modules() if type(m).__module__.startswith("bitsandbytes")
+              and type(m).__name__ == "Linear4bit"]
+    assert packed and not any(
+        getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in packed)
+    after = grads()
+    for name, g in before.items():
+        torch.testing.assert_close(after[name], g, rtol=0, atol=0)

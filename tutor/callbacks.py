@@ -46,6 +46,14 @@ class EvaluateChatCallback(TrainerCallback):
         ev = self.cfg.evaluation
         was_training = model.training
         model.eval()
+        for module in model.modules():
+            # A bitsandbytes 4-bit layer in eval mode on a bf16 CPU repacks its weight into
+            # an inference-only layout that has no backward: training after it would get
+            # no gradient through the frozen base. Its flag changes nothing else (no dropout).
+            if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith(
+                "bitsandbytes"
+            ):  # not peft's lora.Linear4bit wrapper, whose dropout must switch off
+                module.train(was_training)
         for prompt in self.answers:
             system = [{"role": "system", "content": ev.system}] if ev.system else []
             messages = [*system, {"role": "user", "content": prompt}]

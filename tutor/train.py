@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,9 +90,11 @@ def build_model(cfg: TrainConfig, precision: str | None = None) -> tuple[Any, An
 
     if cfg.bits is not None:
         # Norms/embeddings to fp32 and input grads on; checkpointing only if asked.
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing
-        )
+        with warnings.catch_warnings():  # peft calls a renamed transformers property
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=cfg.train.gradient_checkpointing
+            )
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
@@ -213,6 +216,7 @@ def training_arguments(cfg: TrainConfig, precision: str, deepspeed: str | None =
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
+        disable_tqdm=not t.progress_bar,
         save_strategy="steps" if cfg.save.steps > 0 else "no",
         save_steps=max(cfg.save.steps, 1),
         save_total_limit=cfg.save.total_limit,
@@ -260,6 +264,8 @@ def train(
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     if (deepspeed or cfg.deepspeed) and not _has_cuda():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+    if not (deepspeed or cfg.deepspeed):  # transformers imports it to probe; it then warns
+        logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     from transformers import Trainer, set_seed
 
     from tutor.callbacks import EvaluateChatCallback, MetricsCallback, ThroughputCallback

@@ -76,6 +76,7 @@ class OptimSection:
     gradient_checkpointing: bool = False  # trades ~30 % speed for activation memory
     seed: int = 42
     logging_steps: int = 1
+    progress_bar: bool = True  # tqdm bar; notebooks turn it off and read the printed logs
 
 
 @dataclass
