@@ -104,7 +104,7 @@ def run_trl(name: str, steps: int, out: Path):
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from tutor.data import load_conversations, encode_dataset
+    from tutor.data import encode_dataset, load_conversations
     from tutor.models import load
 
     model, tok = load()
@@ -137,7 +137,7 @@ def run_padding(steps: int, out: Path):
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from tutor.data import load_conversations, encode_dataset
+    from tutor.data import encode_dataset, load_conversations
     from tutor.models import load
 
     model, tok = load()

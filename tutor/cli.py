@@ -146,7 +146,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(
         f"rank {rank} done: {result.global_step} steps in {m.get('train_runtime', 0):.0f} s, "
         f"{m['trained_tok_s']:.0f} trained tok/s ({m['all_tok_s']:.0f} all), "
-        f"final loss {m.get('train_loss', float('nan')):.4f}; adapter and config in {result.output_dir}"
+        f"final loss {m.get('train_loss', float('nan')):.4f}; "
+        f"adapter and config in {result.output_dir}"
     )
     return 0
 

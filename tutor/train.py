@@ -32,7 +32,7 @@ from tutor.train_config import TrainConfig, deepspeed_json, load_config, save_co
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+    from transformers import TrainerCallback
 
 log = logging.getLogger("tutor.train")
 CONFIG_FILE = "tutor_config.yaml"  # read by tutor.merge to know the base model and template
@@ -83,7 +83,8 @@ def build_model(cfg: TrainConfig, precision: str | None = None) -> tuple[Any, An
     log.info("attention: %s, precision: %s, base dtype: %s", attn, precision, dtype)
     if cfg.lora is None:
         if cfg.bits is not None:
-            raise TutorError("bits: a quantised base cannot be fully fine-tuned; add a lora section")
+            raise TutorError("bits: a quantised base cannot be fully fine-tuned; add a lora "
+                             "section (QLoRA) or set bits: null")
         model.train()
         return model, tokenizer
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -114,7 +115,9 @@ def resolve_data_path(path: str) -> str:
         return str(p)
     if (PROJECT_ROOT / p).exists():
         return str(PROJECT_ROOT / p)
-    raise TutorError(f"data.datasets: no file '{path}' (relative to {Path.cwd()} or {PROJECT_ROOT})")
+    raise TutorError(
+        f"data.datasets: no file '{path}' (relative to {Path.cwd()} or {PROJECT_ROOT})"
+    )
 
 
 def load_samples(cfg: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, list[int]]], list]:
@@ -130,7 +133,9 @@ def load_samples(cfg: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, list[
     samples, reports = [], []
     for spec in cfg.data.datasets:
         conversations = load_conversations(resolve_data_path(spec.path), spec.format)
-        encoded, report = encode_dataset(conversations, tokenizer, cfg.template, cfg.data.max_length)
+        encoded, report = encode_dataset(
+            conversations, tokenizer, cfg.template, cfg.data.max_length
+        )
         rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in encoded]
         whole, frac = divmod(spec.weight, 1.0)
         samples += rows * int(whole) + rng.sample(rows, round(frac * len(rows)))

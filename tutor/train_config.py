@@ -87,7 +87,7 @@ class SaveSection:
 
 @dataclass
 class EvaluationSection:
-    """Prompts answered before training, every N steps and at the end (XTuner's EvaluateChatHook)."""
+    """Prompts answered before, every N steps and after training (XTuner's EvaluateChatHook)."""
 
     prompts: list[str] = field(default_factory=list)
     system: str | None = None
@@ -211,7 +211,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         raise TutorError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
     *parents, leaf = key.split(".")
     node = raw
-    for i, part in enumerate(parents):
+    for part in parents:
         if not isinstance(node.get(part), dict):
             node[part] = {}  # e.g. `lora: null` in the file and `--set lora.r=4`
         node = node[part]
