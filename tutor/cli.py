@@ -143,6 +143,8 @@ def _cmd_memory(args: argparse.Namespace) -> int:
                   lora_r=args.lora_r, lora_dropout=args.lora_dropout, dtype=args.dtype)
     print(format_table(estimate(get_arch(args.model), setup), budget_gib=args.budget))
     return 0
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from tutor.merge import convert_checkpoint, dir_bytes
 
@@ -175,6 +177,60 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     session = open_session(args.model, adapter=args.adapter, template=args.prompt_template,
                            bits=args.bits, system=args.system, settings=settings)
     return run_chat(session, args.prompt, stream=not args.no_streamer, verbose=args.verbose)
+def _cmd_train(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    from tutor.train import train
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    result = train(args.config, args.set, resume=args.resume, deepspeed=args.deepspeed)
+    m, rank = result.metrics, os.environ.get("RANK", "0")
+    print(
+        f"rank {rank} done: {result.global_step} steps in {m.get('train_runtime', 0):.0f} s, "
+        f"{m['trained_tok_s']:.0f} trained tok/s ({m['all_tok_s']:.0f} all), "
+        f"final loss {m.get('train_loss', float('nan')):.4f}; "
+        f"adapter and config in {result.output_dir}"
+    )
+    return 0
+
+
+def _cmd_list_cfg(args: argparse.Namespace) -> int:
+    from tutor.train_config import list_recipes, load_config
+
+    for name in list_recipes():
+        cfg = load_config(name)
+        method = "full" if cfg.lora is None else ("qlora" if cfg.bits == 4 else "lora")
+        ds = f"  deepspeed={cfg.deepspeed}" if cfg.deepspeed else ""
+        print(f"{name:42s} {method:5s} {cfg.model}{ds}")
+    return 0
+
+
+def _cmd_copy_cfg(args: argparse.Namespace) -> int:
+    from tutor.train_config import copy_recipe
+
+    print(f"copied to {copy_recipe(args.name, args.dest)}")
+    return 0
+
+
+def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="fine-tune from a recipe (LoRA/QLoRA/full, on Trainer)")
+    p.add_argument("config", help="a recipe name (tutor list-cfg) or a YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_steps=20 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--deepspeed", default=None, metavar="NAME|JSON",
+                   help="zero1, zero2, zero3, zero2_offload, zero3_offload or a JSON file "
+                   "(launch with torchrun --nproc_per_node N -m tutor train ...)")
+    p.set_defaults(handler=_cmd_train)
+
+    p = sub.add_parser("list-cfg", help="list the ready recipes")
+    p.set_defaults(handler=_cmd_list_cfg)
+
+    p = sub.add_parser("copy-cfg", help="copy a recipe to edit it")
+    p.add_argument("name")
+    p.add_argument("dest", help="a file path or an existing directory")
+    p.set_defaults(handler=_cmd_copy_cfg)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="answer this one message and exit (or pipe stdin)")
     p.add_argument("--verbose", action="store_true", help="report tokens/s after each answer")
     p.set_defaults(handler=_cmd_chat)
+    _add_train_parsers(sub)
     return parser
 
 

@@ -1,0 +1,231 @@
+"""Training throughput on CPU: tutor's default vs. TRL SFTTrainer vs. plain Trainer + peft.
+
+Same model (the bundled SmolLM2-135M-Instruct), same data (data/assistant.jsonl), same
+LoRA config (r=8, alpha=16, dropout 0, all linear layers), same optimiser settings
+(AdamW, lr, constant schedule, seed), same number of optimizer steps and the same
+sequence budget per step (one 512-token row when packing, or as many padded samples as
+hold ~512 real tokens on average). Only what each framework decides differs:
+
+  tutor            tutor.train defaults: bf16 autocast, bfd packing with isolation,
+                   no gradient checkpointing, logits only where labels are trained
+  trl_defaults     SFTTrainer defaults (+ use_cpu=True, without which its bf16 default
+                   crashes on CPU): gradient checkpointing on, padding, loss on all tokens
+  trl_packing      the same with packing=True (TRL's bfd, padding-free rows)
+  trl_best         per DESIGN.md: bf16, no gradient checkpointing, packing_strategy=
+                   "wrapped", and assistant-only loss via a ChatML template with
+                   {% generation %} markers (the same trained tokens as tutor)
+  trainer_padding  transformers.Trainer + peft, tutor's labels, dynamic padding, bf16
+
+Each configuration runs in its own subprocess (so peak RSS is its own), one after the
+other in ONE invocation; ratios are only meaningful within a run (CPUs differ, and a
+shared CPU adds noise). "trained tokens" are target tokens (label != -100 after the
+shift); TRL's defaults train on prompts too, so its trained = all tokens and its loss is
+over a different set of tokens: compare final losses only between runs whose "loss on"
+column matches.
+
+    python bench/train_throughput.py [--steps 12] [--only tutor,trl_best]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+CONFIGS = ["tutor", "trl_defaults", "trl_packing", "trl_best", "trainer_padding"]
+LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
+MAX_LENGTH, LR, SEED = 512, 2e-4, 42
+# ChatML exactly as SmolLM2's own template renders it, with the assistant's content and
+# end-of-turn marked for TRL's assistant_only_loss (the tokens tutor.data trains).
+CHATML_GENERATION = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\\n' }}{% endif %}{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{{ '\\n' }}{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+class Counting:
+    """Wraps a data collator; records real and trained (shifted label != -100) tokens per
+    batch. The dataloader builds one batch ahead, so only the first `n` batches count."""
+
+    def __init__(self, inner):
+        self.inner, self.batches = inner, []
+
+    def totals(self, n: int) -> tuple[int, int]:
+        """(trained, all) tokens of the first `n` batches (those the optimizer consumed)."""
+        done = self.batches[:n]
+        return sum(b[0] for b in done), sum(b[1] for b in done)
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        labels = batch.get("shift_labels", batch["labels"][..., 1:])
+        mask = batch.get("attention_mask")  # padded batches: real tokens; packed rows: all
+        padded = mask is not None and mask.dim() == 2
+        real = int(mask.sum()) if padded else batch["input_ids"].numel()
+        self.batches.append((int((labels != -100).sum()), real))
+        return batch
+
+
+def padded_batch_size(samples) -> int:
+    mean = sum(len(s["input_ids"]) for s in samples) / len(samples)
+    return max(1, round(MAX_LENGTH / mean))
+
+
+def run_tutor(steps: int, out: Path):
+    from tutor.train import train
+    from tutor.train_config import config_from_dict
+
+    cfg = config_from_dict({
+        "model": "smollm2-135m-instruct", "output_dir": str(out), "lora": LORA,
+        "data": {"datasets": [{"path": "data/assistant.jsonl"}], "max_length": MAX_LENGTH},
+        "train": {"max_steps": steps, "lr": LR, "scheduler": "constant", "warmup_ratio": 0.0,
+                  "seed": SEED, "progress_bar": False},
+        "save": {"steps": 0},
+    })
+    start = time.perf_counter()
+    result = train(cfg)
+    wall = time.perf_counter() - start
+    loss = [h["loss"] for h in result.log_history if "loss" in h]
+    return wall, result.metrics["trained_tokens"], result.metrics["all_tokens"], loss, "answers"
+
+
+def run_trl(name: str, steps: int, out: Path):
+    import datasets
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from tutor.data import encode_dataset, load_conversations
+    from tutor.models import load
+
+    model, tok = load()
+    convs = load_conversations(ROOT / "data/assistant.jsonl")
+    encoded, _ = encode_dataset(convs, tok, "auto", MAX_LENGTH)
+    kw = dict(output_dir=str(out), max_steps=steps, learning_rate=LR, lr_scheduler_type="constant",
+              seed=SEED, use_cpu=True, report_to=[], logging_steps=1, save_strategy="no",
+              max_length=MAX_LENGTH, disable_tqdm=True)
+    if name == "trl_defaults":
+        kw.update(per_device_train_batch_size=padded_batch_size(encoded))
+    elif name == "trl_packing":
+        kw.update(packing=True, per_device_train_batch_size=1)
+    else:  # trl_best
+        template = out / "chatml_generation.jinja"
+        out.mkdir(parents=True, exist_ok=True)
+        template.write_text(CHATML_GENERATION)
+        kw.update(packing=True, packing_strategy="wrapped", per_device_train_batch_size=1,
+                  bf16=True, gradient_checkpointing=False, assistant_only_loss=True,
+                  chat_template_path=str(template))
+    trainer = SFTTrainer(
+        model=model, args=SFTConfig(**kw), processing_class=tok,
+        train_dataset=datasets.Dataset.from_dict({"messages": convs["messages"]}),
+        peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                               target_modules=LORA["target_modules"], task_type="CAUSAL_LM"),
+    )
+    return _run_trainer(trainer, "answers" if name == "trl_best" else "all tokens")
+
+
+def run_padding(steps: int, out: Path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from tutor.data import encode_dataset, load_conversations
+    from tutor.models import load
+
+    model, tok = load()
+    encoded, _ = encode_dataset(load_conversations(ROOT / "data/assistant.jsonl"), tok, "auto",
+                                MAX_LENGTH)
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"],
+                                             lora_dropout=0.0, task_type="CAUSAL_LM",
+                                             target_modules=LORA["target_modules"]))
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=steps, learning_rate=LR, lr_scheduler_type="constant",
+        seed=SEED, use_cpu=True, bf16=True, report_to=[], logging_steps=1, save_strategy="no",
+        per_device_train_batch_size=padded_batch_size(encoded), disable_tqdm=True)
+    collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    trainer = Trainer(model=model, args=args, train_dataset=encoded, data_collator=collator)
+    return _run_trainer(trainer, "answers")
+
+
+def _run_trainer(trainer, loss_on: str):
+    counting = Counting(trainer.data_collator)
+    trainer.data_collator = counting
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    loss = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    trained, all_tokens = counting.totals(trainer.state.global_step)  # grad_accum is 1
+    return wall, trained, all_tokens, loss, loss_on
+
+
+def one(name: str, steps: int) -> dict:
+    """Run one configuration in this process and return its row."""
+    import logging
+    import tempfile
+
+    logging.disable(logging.WARNING)
+    out = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+    if name == "tutor":
+        wall, trained, all_tokens, loss, loss_on = run_tutor(steps, out)
+    elif name == "trainer_padding":
+        wall, trained, all_tokens, loss, loss_on = run_padding(steps, out)
+    else:
+        wall, trained, all_tokens, loss, loss_on = run_trl(name, steps, out)
+    return {
+        "config": name, "steps": len(loss), "wall_s": round(wall, 1),
+        "trained_tok_s": round(trained / wall, 1), "all_tok_s": round(all_tokens / wall, 1),
+        "trained_tokens": trained, "all_tokens": all_tokens,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "final_loss": round(loss[-1], 4), "loss_on": loss_on,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    best_trl = max((r["trained_tok_s"] for r in rows if r["config"].startswith("trl")), default=0)
+    lines = ["| config | steps | trained tok/s | all tok/s | wall s | peak RSS MiB | final loss "
+             "| loss on | trained tok/s vs best TRL |", "|" + " --- |" * 9]
+    for r in rows:
+        ratio = f"{r['trained_tok_s'] / best_trl:.2f}×" if best_trl else "n/a"
+        lines.append(f"| {r['config']} | {r['steps']} | {r['trained_tok_s']} | {r['all_tok_s']} | "
+                     f"{r['wall_s']} | {r['peak_rss_mib']} | {r['final_loss']} | {r['loss_on']} "
+                     f"| {ratio} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--only", default=",".join(CONFIGS))
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config, print JSON
+    args = parser.parse_args()
+    if args.one:
+        print("ROW " + json.dumps(one(args.one, args.steps)), flush=True)
+        return
+    rows = []
+    for name in args.only.split(","):
+        proc = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps)],
+                              cwd=ROOT, capture_output=True, text=True)
+        row = next((line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")), None)
+        if row is None:
+            print(f"{name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(row))
+        print(f"{name}: {rows[-1]}", flush=True)
+    text = table(rows)
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (RESULTS / f"train_throughput-{stamp}.md").write_text(text + "\n")
+    (RESULTS / f"train_throughput-{stamp}.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""Training: recipe validation, the loss trick, a real tiny run, SIGKILL + resume, ZeRO-2.
+
+Training tests use a random 2-layer Llama (hidden 64) with the bundled tokenizer, so
+each optimizer step takes milliseconds; what they check is the machinery (Trainer,
+checkpoints, DeepSpeed), not what a 135M model learns (notebook 06 shows that).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from tiny_lora import tiny_base
+
+from tutor.errors import TutorError
+from tutor.train_config import (
+    TrainConfig,
+    config_from_dict,
+    list_recipes,
+    load_config,
+    to_yaml,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def write(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+MINIMAL = {"model": "m", "output_dir": "out"}
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_unknown_key_names_its_path(tmp_path):
+    f = write(tmp_path / "c.yaml", {**MINIMAL, "lora": {"r": 8, "rank": 4}})
+    with pytest.raises(TutorError, match=r"c\.yaml: lora\.rank: unknown key \(known: r, alpha"):
+        load_config(f)
+
+
+def test_wrong_type_names_its_path(tmp_path):
+    f = write(tmp_path / "c.yaml", {**MINIMAL, "lora": {"r": "eight"}})
+    with pytest.raises(TutorError, match=r"lora\.r: expected int, got str \('eight'\)"):
+        load_config(f)
+    with pytest.raises(TutorError, match=r"data\.datasets\[0\]\.weight: expected float, got str"):
+        config_from_dict({**MINIMAL, "data": {"datasets": [{"path": "x", "weight": "a"}]}})
+    with pytest.raises(TutorError, match=r"train\.precision: expected one of 'auto' \| 'bf16'"):
+        config_from_dict({**MINIMAL, "train": {"precision": "bf8"}})
+    with pytest.raises(TutorError, match=r"train\.gradient_checkpointing: expected bool, got int"):
+        config_from_dict({**MINIMAL, "train": {"gradient_checkpointing": 1}})
+    with pytest.raises(TutorError, match=r"^output_dir: required key is missing"):
+        config_from_dict({"model": "m"})
+
+
+def test_overrides_and_yaml_floats(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model: m\noutput_dir: out\ntrain:\n  lr: 2e-4\nlora: null\n")
+    cfg = load_config(f, ["train.max_steps=7", "lora.r=4", "evaluation.prompts=[a, 'b c']"])
+    assert cfg.train.lr == 2e-4 and cfg.train.max_steps == 7
+    assert cfg.lora is not None and (cfg.lora.r, cfg.lora.alpha) == (4, 16)  # rest: defaults
+    assert cfg.evaluation.prompts == ["a", "b c"]
+    assert load_config(f).lora is None  # `lora: null` = full fine-tune
+    with pytest.raises(TutorError, match=r"train\.epochz: unknown key"):
+        load_config(f, ["train.epochz=2"])
+    with pytest.raises(TutorError, match=r"expected KEY=VALUE"):
+        load_config(f, ["train.epochs"])
+    # The resolved config round-trips through YAML unchanged.
+    assert config_from_dict(yaml.safe_load(to_yaml(cfg))) == cfg
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_every_shipped_recipe_validates(name):
+    cfg = load_config(name)
+    assert isinstance(cfg, TrainConfig) and cfg.data.datasets and cfg.output_dir
+    if cfg.deepspeed:
+        from tutor.train_config import deepspeed_json
+
+        assert Path(deepspeed_json(cfg.deepspeed)).is_file()
+
+
+def test_recipe_list_covers_the_issue():
+    expected = {"smollm2_135m_qlora_assistant", "smollm2_135m_lora_geography",
+                "smollm2_135m_pretrain_corpus", "qwen2_5_0_5b_instruct_qlora",
+                "internlm2_chat_7b_qlora_oasst1", "llama3_8b_instruct_qlora"}
+    names = set(list_recipes())
+    assert expected <= names and {f"{n}_deepspeed" for n in expected - {
+        "smollm2_135m_qlora_assistant", "smollm2_135m_lora_geography",
+        "smollm2_135m_pretrain_corpus"}} <= names
+
+
+def test_cli_list_and_copy_cfg(tmp_path, capsys):
+    from tutor.cli import main
+
+    assert main(["list-cfg"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2_135m_qlora_assistant" in out and "qlora" in out
+    assert main(["copy-cfg", "smollm2_135m_lora_geography", str(tmp_path)]) == 0
+    copied = tmp_path / "smollm2_135m_lora_geography.yaml"
+    assert load_config(copied) == load_config("smollm2_135m_lora_geography")
+    assert main(["copy-cfg", "smollm2_135m_lora_geography", str(tmp_path)]) == 2  # exists
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "no recipe file or name" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the loss trick
+
+
+def test_logits_only_where_trained_leave_the_loss_unchanged(tmp_path):
+    """TrainingCollator's logits_to_keep/shift_labels give the model's own loss (fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tutor.packing import pack
+    from tutor.train import TrainingCollator
+
+    base = tiny_base(tmp_path / "tiny")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    samples = [  # three samples, answers of different lengths, prompts never trained
+        {"input_ids": [1, 5, 6, 7, 8, 9], "labels": [-100, -100, -100, 7, 8, 9]},
+        {"input_ids": [1, 10, 11, 12], "labels": [-100, -100, 11, 12]},
+        {"input_ids": [1, 13, 14, 15, 16], "labels": [-100, -100, -100, -100, 16]},
+    ]
+    packs = pack(samples, max_length=8)  # two packs of different lengths → padding too
+    collator = TrainingCollator("sdpa", pad_token_id=2)
+    batch = collator(list(packs))
+    keep = batch["logits_to_keep"]
+    assert keep.tolist() == sorted(set(keep.tolist())) and len(keep) < batch["input_ids"].shape[1]
+    with torch.no_grad():
+        fast = model(**batch)
+        full = model(**{k: v for k, v in batch.items() if k not in ("logits_to_keep",
+                                                                     "shift_labels")})
+    assert fast.logits.shape[1] == len(keep)
+    torch.testing.assert_close(fast.loss, full.loss, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- real runs (tiny model)
+
+
+def tiny_recipe(tmp_path: Path, **train) -> dict:
+    base = tmp_path / "tiny"
+    if not base.exists():
+        tiny_base(base)
+    return {
+        "model": str(base),
+        "output_dir": str(tmp_path / "run"),
+        "lora": {"r": 8, "alpha": 16},
+        "data": {"datasets": [{"path": "data/assistant.jsonl", "weight": 0.25}],
+                 "max_length": 192},
+        "train": {"max_steps": 8, "lr": 2e-2, "precision": "fp32", "warmup_ratio": 0.0,
+                  "scheduler": "constant", **train},
+        "save": {"steps": 2, "total_limit": 2},
+        "evaluation": {"prompts": ["Who are you?"], "max_new_tokens": 4},
+    }
+
+
+def losses(output_dir: Path) -> list[float]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+
+
+@pytest.mark.slow
+def test_tiny_run_learns_and_writes_its_artifacts(tmp_path):
+    from tutor.train import train
+
+    cfg = config_from_dict(tiny_recipe(tmp_path))
+    result = train(cfg)
+    out = result.output_dir
+    assert result.global_step == 8
+    curve = losses(out)
+    assert len(curve) == 8 and curve[-1] < curve[0] - 0.2, curve
+    for name in ("adapter_config.json", "adapter_model.safetensors", "loss.png",
+                 "tutor_config.yaml", "checkpoint-8/tutor_config.yaml",
+                 "checkpoint-8/tutor_progress.json"):
+        assert (out / name).is_file(), name
+    assert not (out / "checkpoint-4").exists()  # total_limit=2 keeps 6 and 8
+    saved = yaml.safe_load((out / "tutor_config.yaml").read_text())
+    assert saved["model"] == cfg.model and saved["template"] == "auto"
+    m = result.metrics
+    assert 0 < m["trained_tokens"] < m["all_tokens"] and m["trained_tok_s"] > 0
+    assert set(result.answers["Who are you?"]) == {0, 8}  # before and after
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from transformers import TrainerCallback
+from tutor.train import train
+from tutor.train_config import load_config
+
+class KillAt(TrainerCallback):  # SIGKILL: no cleanup, no final save, like a lost machine
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+train(load_config(sys.argv[1]), callbacks=[KillAt()])
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from tutor.train import train
+
+    recipe = tiny_recipe(tmp_path, batch_size=2)
+    straight = train(config_from_dict({**recipe, "output_dir": str(tmp_path / "straight")}))
+
+    killed_yaml = write(tmp_path / "killed.yaml", {**recipe, "output_dir": str(tmp_path / "k")})
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(killed_yaml)], env=ENV,
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (tmp_path / "k" / "checkpoint-4").is_dir()
+    assert not (tmp_path / "k" / "checkpoint-6").exists()  # it died between saves
+
+    resumed = train(load_config(killed_yaml), resume=True)
+    assert resumed.global_step == straight.global_step == 8
+    # No lost or repeated data: the same token totals, and the same weights.
+    for key in ("trained_tokens", "all_tokens"):
+        assert resumed.metrics[key] == straight.metrics[key]
+    a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "k" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    with pytest.raises(TutorError, match="no checkpoint-N"):
+        train(config_from_dict({**recipe, "output_dir": str(tmp_path / "empty")}), resume=True)
+
+
+@pytest.mark.slow
+def test_zero2_on_two_cpu_ranks(tmp_path):
+    recipe = tiny_recipe(tmp_path, max_steps=6)
+    recipe["save"] = {"steps": 0}
+    cfg = write(tmp_path / "ds.yaml", recipe)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "-m", "tutor", "train", str(cfg), "--deepspeed", "zero2"]
+    proc = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0 done: 6 steps" in proc.stdout and "rank 1 done: 6 steps" in proc.stdout
+    curve = losses(tmp_path / "run")
+    assert len(curve) == 6 and curve[-1] < curve[0] - 0.1, curve
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_qlora_gradients_unchanged_by_the_evaluation_chat(tmp_path):
+    """Asking questions mid-training must not leave 4-bit layers in bitsandbytes' CPU
+    inference layout (it has no backward): gradients after it equal those before."""
+    import torch
+
+    from tutor.callbacks import EvaluateChatCallback
+    from tutor.train import build_model
+
+    cfg = config_from_dict({**tiny_recipe(tmp_path), "bits": 4})
+    model, tokenizer = build_model(cfg, "bf16")
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11]])
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_B" in n}
+
+    before = grads()
+    EvaluateChatCallback(cfg, tokenizer)._ask_all(model, 0, is_main=False)
+    assert model.training
+    packed = [m for m in model.modules() if type(m).__module__.startswith("bitsandbytes")
+              and type(m).__name__ == "Linear4bit"]
+    assert packed and not any(
+        getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in packed)
+    after = grads()
+    for name, g in before.items():
+        torch.testing.assert_close(after[name], g, rtol=0, atol=0)

@@ -1,0 +1,236 @@
+"""Trainer callbacks: what the model says while it learns, how fast, and the loss curve.
+
+- `EvaluateChatCallback` (like XTuner's EvaluateChatHook): greedy answers to the recipe's
+  prompts before training, every N steps and at the end; a before/after table.
+- `ThroughputCallback`: trained tokens/s (tokens with a target), all tokens/s and an
+  estimated MFU, added to every log line; token totals survive `--resume`.
+- `MetricsCallback`: every log line appended to ``metrics.jsonl`` and ``loss.png`` redrawn
+  at each save and at the end (rank 0 only).
+
+Not handled: validation-set evaluation, TensorBoard/W&B (use ``report_to`` yourself).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from tutor.train_config import TrainConfig, save_config
+
+PROGRESS_FILE = "tutor_progress.json"  # token totals inside each checkpoint dir
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+# Dense bf16 tensor-core peaks (FLOP/s) for the MFU estimate; unknown GPUs get no MFU.
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
+
+
+class EvaluateChatCallback(TrainerCallback):
+    """Answer `cfg.evaluation.prompts` at step 0, every N steps and at the end."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer: Any) -> None:
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.answers: dict[str, dict[int, str]] = {p: {} for p in cfg.evaluation.prompts}
+
+    def _ask_all(self, model: Any, step: int, is_main: bool) -> None:
+        from tutor.chat import reply
+
+        if not self.answers:
+            return
+        ev = self.cfg.evaluation
+        was_training = model.training
+        model.eval()
+        for module in model.modules():
+            # A bitsandbytes 4-bit layer in eval mode on a bf16 CPU repacks its weight into
+            # an inference-only layout that has no backward: training after it would get
+            # no gradient through the frozen base. Its flag changes nothing else (no dropout).
+            if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith(
+                "bitsandbytes"
+            ):  # not peft's lora.Linear4bit wrapper, whose dropout must switch off
+                module.train(was_training)
+        for prompt in self.answers:
+            system = [{"role": "system", "content": ev.system}] if ev.system else []
+            messages = [*system, {"role": "user", "content": prompt}]
+            self.answers[prompt][step] = reply(
+                model, self.tokenizer, messages, ev.max_new_tokens, self.cfg.template
+            )
+        model.train(was_training)
+        if is_main:
+            for prompt, by_step in self.answers.items():
+                print(f"[eval step {step}] {prompt!r} → {by_step[step]!r}", flush=True)
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self._ask_all(model, state.global_step, state.is_world_process_zero)
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        n = self.cfg.evaluation.every_n_steps
+        if n > 0 and state.global_step % n == 0 and state.global_step < state.max_steps:
+            self._ask_all(model, state.global_step, state.is_world_process_zero)
+
+    def on_train_end(self, args, state, control, model=None, **kw):
+        self._ask_all(model, state.global_step, state.is_world_process_zero)
+        if state.is_world_process_zero and self.answers:
+            print(self.table(), flush=True)
+
+    def table(self) -> str:
+        """A Markdown table: prompt | first answer | last answer."""
+        rows = ["| prompt | before | after |", "| --- | --- | --- |"]
+        for prompt, by_step in self.answers.items():
+            steps = sorted(by_step)
+            if steps:
+                first, last = by_step[steps[0]], by_step[steps[-1]]
+                rows.append(f"| {prompt} | {first} | {last} |".replace("\n", " "))
+        return "\n".join(rows)
+
+
+def flops_per_token(model: Any, full_finetune: bool) -> tuple[float, float]:
+    """(FLOPs per processed token in the body, FLOPs per trained token in the head).
+
+    Forward ≈ 2·N per token. Backward ≈ 4·N when weights are trained (input and weight
+    grads), ≈ 2·N for LoRA (input grads only; adapters are negligible). Attention's
+    L² term is left out (small at 512 tokens). The vocab head runs on trained positions.
+    """
+    cfg = model.config
+    head = cfg.vocab_size * cfg.hidden_size
+    if hasattr(model, "get_nb_trainable_parameters"):  # peft counts 4-bit weights unpacked
+        total = model.get_nb_trainable_parameters()[1]
+    else:
+        total = sum(p.numel() for p in model.parameters())
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    body = total - head * (1 if tied else 2)  # embeddings are lookups, head counted apart
+    factor = 6 if full_finetune else 4
+    return factor * body, factor * head
+
+
+def peak_flops() -> tuple[float, str]:
+    """Peak FLOP/s for MFU: a known GPU's bf16 peak, or a measured CPU bf16/fp32 matmul."""
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, value in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return value, f"{name} bf16 peak"
+        return 0.0, f"{name}: peak unknown"
+    dtype = torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
+    a = torch.randn(1024, 1024, dtype=dtype)
+    a @ a  # warm-up
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.3:
+        a @ a
+        n += 1
+    rate = n * 2 * 1024**3 / (time.perf_counter() - start)
+    return rate, f"measured {str(dtype).removeprefix('torch.')} matmul on this CPU"
+
+
+class ThroughputCallback(TrainerCallback):
+    """Tokens per second and MFU over the optimizer steps of this session.
+
+    The collator queues per-batch token counts as batches are built (the dataloader may
+    build one ahead); each optimizer step pops the `grad_accum` batches it consumed.
+    """
+
+    def __init__(self, collator: Any, model: Any, resume_from: str | None = None) -> None:
+        self.collator, self.resume_from = collator, resume_from
+        self.body_flops, self.head_flops = flops_per_token(model, not hasattr(model, "peft_config"))
+        self.counts: deque[tuple[int, int]] = deque()
+        collator.on_batch = self.counts.append
+        self.totals = {"all_tokens": 0, "trained_tokens": 0}
+        self.session = {"all_tokens": 0, "trained_tokens": 0, "seconds": 0.0}
+        self.peak, self.peak_source = 0.0, ""
+
+    def on_train_begin(self, args, state, control, **kw):
+        if self.resume_from and (Path(self.resume_from) / PROGRESS_FILE).is_file():
+            self.totals = json.loads((Path(self.resume_from) / PROGRESS_FILE).read_text())
+        self.peak, self.peak_source = peak_flops()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        for _ in range(min(args.gradient_accumulation_steps, len(self.counts))):
+            all_tokens, trained = self.counts.popleft()
+            for d in (self.totals, self.session):
+                d["all_tokens"] += all_tokens
+                d["trained_tokens"] += trained
+        self.session["seconds"] = time.perf_counter() - self._start
+
+    def summary(self) -> dict[str, float]:
+        s, world = self.session, int(os.environ.get("WORLD_SIZE", "1"))
+        secs = max(s["seconds"], 1e-9)
+        flops = self.body_flops * s["all_tokens"] + self.head_flops * s["trained_tokens"]
+        out = {
+            "trained_tok_s": world * s["trained_tokens"] / secs,  # ranks see equal shares
+            "all_tok_s": world * s["all_tokens"] / secs,
+            "trained_tokens": world * self.totals["trained_tokens"],
+            "all_tokens": world * self.totals["all_tokens"],
+        }
+        if self.peak:
+            out["mfu"] = flops / secs / self.peak
+        return out
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs is not None and "loss" in logs:
+            logs.update({k: round(v, 4) for k, v in self.summary().items()})
+
+    def on_save(self, args, state, control, **kw):
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and ckpt.is_dir():
+            _atomic_write(ckpt / PROGRESS_FILE, json.dumps(self.totals))
+
+
+class MetricsCallback(TrainerCallback):
+    """metrics.jsonl (one line per log), loss.png, and the config inside each checkpoint."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.path = Path(cfg.output_dir) / METRICS_FILE
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if state.is_world_process_zero and logs:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:  # appending: resume continues it
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+    def on_save(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                save_config(self.cfg, ckpt / "tutor_config.yaml")
+            plot_loss(state.log_history, Path(args.output_dir) / LOSS_PLOT)
+
+    def on_train_end(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            plot_loss(state.log_history, Path(args.output_dir) / LOSS_PLOT)
+
+
+def plot_loss(log_history: list[dict[str, Any]], path: Path) -> Path | None:
+    """Draw training loss against optimizer step into `path` (PNG, atomic)."""
+    points = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    if not points:
+        return None
+    from matplotlib.figure import Figure  # no pyplot: no global backend, no open figures
+
+    fig = Figure(figsize=(5, 3), dpi=100)
+    ax = fig.subplots()
+    ax.plot(*zip(*points, strict=True), marker=".")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=".loss-", suffix=".png", dir=path.parent)
+    os.close(fd)
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,313 @@
+"""One-command LoRA/QLoRA/full fine-tuning on `transformers.Trainer`.
+
+The flow is plain function calls, each one step of the course::
+
+    cfg = load_config("smollm2_135m_qlora_assistant", ["train.max_steps=20"])
+    model, tokenizer = build_model(cfg)          # tutor.models.load + peft (+ bitsandbytes)
+    dataset, collator = build_dataset(cfg, tokenizer)  # tutor.data → tutor.packing
+    result = train(cfg)                          # all of the above + Trainer + callbacks
+
+Speed choices (CPU first): bf16 autocast when the CPU has bf16 instructions, packing
+with exact per-sample isolation, no gradient checkpointing unless asked, and logits
+computed only at positions whose next token is trained (`TrainingCollator`), which
+leaves the loss unchanged (tests/test_train.py compares it with the model's own loss).
+
+Not handled here: evaluation datasets / validation loss, multi-dataset sampling by
+temperature (weights only repeat or subsample), and RLHF-style objectives.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tutor.errors import TutorError
+from tutor.train_config import TrainConfig, deepspeed_json, load_config, save_config
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import TrainerCallback
+
+log = logging.getLogger("tutor.train")
+CONFIG_FILE = "tutor_config.yaml"  # read by tutor.merge to know the base model and template
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_precision(choice: str) -> str:
+    """"auto" → bf16 on GPUs/CPUs with bf16 arithmetic, fp16 on older GPUs, else fp32."""
+    import torch
+
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bf16" if cpu_bf16 else "fp32"
+
+
+def resolve_attention(choice: str) -> str:
+    """"auto" → flash_attention_2 on a GPU where flash-attn imports, SDPA otherwise."""
+    import importlib.util
+
+    import torch
+
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def build_model(cfg: TrainConfig, precision: str | None = None) -> tuple[Any, Any]:
+    """Load the base (quantised if `cfg.bits`), pick attention, wrap in LoRA unless full FT.
+
+    The frozen base of a LoRA run is loaded in bf16 when training in bf16 (no fp32 master
+    copy is needed for weights that never change); adapters stay fp32 (peft's default),
+    which autocast mixes in. A full fine-tune keeps fp32 master weights.
+    """
+    from tutor.models import load
+
+    precision = precision or resolve_precision(cfg.train.precision)
+    half = {"bf16": "bfloat16", "fp16": "float16"}.get(precision)
+    dtype = half if (cfg.lora is not None and half) else "float32"
+    model, tokenizer = load(cfg.model, bits=cfg.bits, dtype=dtype)
+    attn = resolve_attention(cfg.attn_implementation)
+    if model.config._attn_implementation != attn:
+        model.set_attn_implementation(attn)
+    log.info("attention: %s, precision: %s, base dtype: %s", attn, precision, dtype)
+    if cfg.lora is None:
+        if cfg.bits is not None:
+            raise TutorError("bits: a quantised base cannot be fully fine-tuned; add a lora "
+                             "section (QLoRA) or set bits: null")
+        model.train()
+        return model, tokenizer
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.bits is not None:
+        # Norms/embeddings to fp32 and input grads on; checkpointing only if asked.
+        with warnings.catch_warnings():  # peft calls a renamed transformers property
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=cfg.train.gradient_checkpointing
+            )
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    model.train()
+    return model, tokenizer
+
+
+def resolve_data_path(path: str) -> str:
+    """A dataset path as written, else relative to the project root (notebooks run in nbs/)."""
+    p = Path(path).expanduser()
+    if p.exists() or p.is_absolute():
+        return str(p)
+    if (PROJECT_ROOT / p).exists():
+        return str(PROJECT_ROOT / p)
+    raise TutorError(
+        f"data.datasets: no file '{path}' (relative to {Path.cwd()} or {PROJECT_ROOT})"
+    )
+
+
+def load_samples(cfg: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, list[int]]], list]:
+    """Encode every dataset of the recipe; weights repeat (2.0) or subsample (0.5) it.
+
+    Returns the samples (``input_ids``/``labels`` lists) and one EncodeReport per dataset.
+    """
+    from tutor.data import encode_dataset, load_conversations
+
+    if not cfg.data.datasets:
+        raise TutorError("data.datasets: the recipe names no dataset")
+    rng = random.Random(cfg.train.seed)
+    samples, reports = [], []
+    for spec in cfg.data.datasets:
+        conversations = load_conversations(resolve_data_path(spec.path), spec.format)
+        encoded, report = encode_dataset(
+            conversations, tokenizer, cfg.template, cfg.data.max_length
+        )
+        rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in encoded]
+        whole, frac = divmod(spec.weight, 1.0)
+        samples += rows * int(whole) + rng.sample(rows, round(frac * len(rows)))
+        reports.append(report)
+    if not samples:
+        raise TutorError("data.datasets: no sample with a trainable token was left")
+    return samples, reports
+
+
+class TrainingCollator:
+    """`tutor.packing.collate`, plus the positions whose logits the loss needs.
+
+    A causal LM predicts token t+1 at position t; only positions whose *next* label is
+    trained enter the loss. Their indices (union over the batch rows) go to the model as
+    ``logits_to_keep`` and the matching targets as ``shift_labels``, so the vocab
+    projection and the fp32 cross-entropy run on those rows only. Positions dropped are
+    all -100 targets, which the mean ignores anyway: the loss is unchanged.
+
+    Each batch's token counts (real tokens, tokens with a target) are handed to
+    `on_batch` when set (the throughput callback listens there).
+    """
+
+    def __init__(self, attn_implementation: str, pad_token_id: int, keep_logits: bool = True):
+        self.attn_implementation, self.pad_token_id = attn_implementation, pad_token_id
+        self.keep_logits = keep_logits
+        self.on_batch: Callable[[tuple[int, int]], None] | None = None
+
+    def __call__(self, packs: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        from tutor.packing import collate
+
+        batch = collate(packs, self.attn_implementation, self.pad_token_id)
+        targets = batch["labels"][:, 1:]  # (B, L-1): target of position t is label t+1
+        if self.on_batch is not None:
+            real = sum(len(p["input_ids"]) for p in packs)
+            self.on_batch((real, int((targets != -100).sum())))
+        if self.keep_logits:
+            keep = (targets != -100).any(dim=0).nonzero().squeeze(-1)  # (K,) positions
+            batch["logits_to_keep"] = keep
+            batch["shift_labels"] = targets[:, keep]  # (B, K)
+        return batch
+
+
+def single_sample_packs(samples: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
+    """`packing: none`: each sample its own row (padded per batch by the collator)."""
+    return [{**s, "position_ids": list(range(len(s["input_ids"])))} for s in samples]
+
+
+def build_dataset(cfg: TrainConfig, tokenizer: Any, attn_implementation: str = "sdpa"):
+    """(train dataset of packs, collator, encode reports) for `cfg`."""
+    from tutor.packing import PackedDataset
+
+    samples, reports = load_samples(cfg, tokenizer)
+    if cfg.data.packing == "none":
+        dataset: Any = single_sample_packs(samples)
+    else:
+        dataset = PackedDataset(
+            samples, cfg.data.max_length, cfg.data.packing, seed=cfg.train.seed
+        )
+    return dataset, TrainingCollator(attn_implementation, tokenizer.pad_token_id), reports
+
+
+def training_arguments(cfg: TrainConfig, precision: str, deepspeed: str | None = None):
+    """Map the recipe onto `transformers.TrainingArguments` (the one place that does)."""
+    import torch
+    from transformers import TrainingArguments
+
+    t, cpu = cfg.train, not torch.cuda.is_available()
+    ds = deepspeed or cfg.deepspeed
+    return TrainingArguments(
+        output_dir=cfg.output_dir,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of all steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        activation_checkpointing=t.gradient_checkpointing and cfg.bits is None,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        disable_tqdm=not t.progress_bar,
+        save_strategy="steps" if cfg.save.steps > 0 else "no",
+        save_steps=max(cfg.save.steps, 1),
+        save_total_limit=cfg.save.total_limit,
+        report_to=[],
+        use_cpu=cpu,
+        dataloader_pin_memory=not cpu,
+        ddp_backend="gloo" if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        deepspeed=deepspeed_json(ds) if ds else None,
+    )
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    global_step: int
+    metrics: dict[str, float]
+    log_history: list[dict[str, Any]]
+    answers: dict[str, dict[int, str]] = field(default_factory=dict)  # prompt → step → answer
+    reports: list = field(default_factory=list)  # EncodeReport per dataset
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+
+
+def train(
+    cfg: TrainConfig | str,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    deepspeed: str | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> TrainResult:
+    """Fine-tune as the recipe says; save the adapter (or model) and config in output_dir.
+
+    `resume=True` continues from the newest ``checkpoint-N`` in output_dir (optimizer,
+    scheduler, RNG and data position restored). `deepspeed` overrides the recipe's
+    (``zero2``, ...); CPU runs need ``DS_ACCELERATOR=cpu``, which is set here.
+    """
+    if isinstance(cfg, str):
+        cfg = load_config(cfg, list(overrides))
+    # bitsandbytes' CPU backend warns at import that it cannot fetch an optional kernel
+    # from the hub; offline that is expected (tutor.models silences it the same way).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    if (deepspeed or cfg.deepspeed) and not _has_cuda():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+    if not (deepspeed or cfg.deepspeed):  # transformers imports it to probe; it then warns
+        logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    from transformers import Trainer, set_seed
+
+    from tutor.callbacks import EvaluateChatCallback, MetricsCallback, ThroughputCallback
+
+    set_seed(cfg.train.seed)
+    resume_from = last_checkpoint(cfg.output_dir) if resume else None
+    if resume and resume_from is None:
+        raise TutorError(f"--resume: no checkpoint-N in {cfg.output_dir}; start without --resume")
+    precision = resolve_precision(cfg.train.precision)
+    model, tokenizer = build_model(cfg, precision)
+    attn = model.config._attn_implementation
+    dataset, collator, reports = build_dataset(cfg, tokenizer, attn)
+    for spec, report in zip(cfg.data.datasets, reports, strict=True):
+        log.info("%s: %s", spec.path, report)
+    args = training_arguments(cfg, precision, deepspeed)
+    throughput = ThroughputCallback(collator, model, resume_from)
+    chat = EvaluateChatCallback(cfg, tokenizer)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        callbacks=[chat, throughput, MetricsCallback(cfg), *callbacks],
+    )
+    if trainer.is_world_process_zero():
+        save_config(cfg, Path(cfg.output_dir) / CONFIG_FILE)
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    trainer.save_model(cfg.output_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(cfg.output_dir)
+    return TrainResult(
+        Path(cfg.output_dir), trainer.state.global_step, {**output.metrics, **throughput.summary()},
+        trainer.state.log_history, chat.answers, reports,
+    )
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

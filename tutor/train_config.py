@@ -1,0 +1,296 @@
+"""Training recipes: YAML files validated into a `TrainConfig` dataclass.
+
+A recipe is plain data (no executed Python, unlike XTuner's configs): YAML is read,
+`--set key=value` overrides are applied to the raw mapping, and the result is checked
+field by field against the dataclasses below. Every mistake names its key path::
+
+    lora.r: expected int, got str ('eight')
+    train.lrr: unknown key (known: epochs, max_steps, batch_size, ...)
+
+Ready recipes ship in `tutor/configs/` (`list_recipes()`, `copy_recipe()`).
+
+Not handled here: building the model or running training (`tutor.train`), checking
+that files named in the recipe exist (done when the data is loaded), or YAML anchors
+across files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tutor.errors import TutorError
+
+RECIPES_DIR = Path(__file__).parent / "configs"
+DEEPSPEED_DIR = RECIPES_DIR / "deepspeed"
+
+
+@dataclass
+class LoraSection:
+    """Low-rank adapters: W' = W + (alpha / r) · B A, only A and B are trained."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0  # 0 lets peft skip the dropout op entirely (faster on CPU)
+    target_modules: str | list[str] = "all-linear"  # peft's name for every Linear but lm_head
+
+
+@dataclass
+class DatasetSpec:
+    """One data file; `weight` repeats it (2.0 = twice, 0.5 = a random half) when mixing."""
+
+    path: str
+    format: str = "auto"  # passed to tutor.data.load_conversations
+    weight: float = 1.0
+
+
+@dataclass
+class DataSection:
+    datasets: list[DatasetSpec] = field(default_factory=list)
+    max_length: int = 512  # tokens per sample and per pack
+    packing: Literal["bfd", "greedy", "none"] = "bfd"
+
+
+@dataclass
+class OptimSection:
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 1  # packs (or padded samples) per device per micro-step
+    grad_accum: int = 1
+    lr: float = 2e-4
+    scheduler: str = "cosine"  # any transformers SchedulerType name
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    gradient_checkpointing: bool = False  # trades ~30 % speed for activation memory
+    seed: int = 42
+    logging_steps: int = 1
+    progress_bar: bool = True  # tqdm bar; notebooks turn it off and read the printed logs
+
+
+@dataclass
+class SaveSection:
+    steps: int = 50  # checkpoint every N optimizer steps (0 = only at the end)
+    total_limit: int | None = 2  # keep the newest N checkpoints
+
+
+@dataclass
+class EvaluationSection:
+    """Prompts answered before, every N steps and after training (XTuner's EvaluateChatHook)."""
+
+    prompts: list[str] = field(default_factory=list)
+    system: str | None = None
+    every_n_steps: int = 0  # 0 = only before and after
+    max_new_tokens: int = 48
+
+
+@dataclass
+class TrainConfig:
+    model: str  # bundled name, local directory or hub id (tutor.models.load)
+    output_dir: str
+    template: str = "auto"  # tutor.templates name; "auto" = the tokenizer's own
+    bits: int | None = None  # 4 = QLoRA (NF4), 8 = int8, None = full precision base
+    lora: LoraSection | None = field(default_factory=LoraSection)  # null = full fine-tune
+    data: DataSection = field(default_factory=DataSection)
+    train: OptimSection = field(default_factory=OptimSection)
+    save: SaveSection = field(default_factory=SaveSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    deepspeed: str | None = None  # zero1|zero2|zero3|zero2_offload|zero3_offload or a JSON path
+
+
+# ---------------------------------------------------------------- YAML reading
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `2e-4` as a float (YAML 1.1 wants `2.0e-4`, users write `2e-4`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text; a syntax error names `source` and its line."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise TutorError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against annotation `tp` and build dataclasses; raise with the key path."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _convert(value, option, path)
+            except TutorError as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise TutorError(f"{path}: expected one of {_type_name(tp)}, got {value!r}")
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(tp)
+            return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build(tp, value, path)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    got = "mapping" if isinstance(value, dict) else _type_name(type(value))
+    raise TutorError(f"{path}: expected {_type_name(tp)}, got {got} ({value!r})")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise TutorError(f"{path}: unknown key (known: {', '.join(fields)})")
+        kwargs[key] = _convert(value, hints[key], path)
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        where = f"{prefix}." if prefix else ""
+        raise TutorError(f"{where}{missing[0]}: required key is missing")
+    return cls(**kwargs)
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `--set a.b.c=value` to the raw mapping (value parsed as YAML), in place."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise TutorError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}  # e.g. `lora: null` in the file and `--set lora.r=4`
+        node = node[part]
+    node[leaf] = parse_yaml(text, f"--set {key}")
+
+
+def load_config(name_or_path: str | os.PathLike[str], overrides: list[str] = ()) -> TrainConfig:
+    """Read a recipe (a name from `list_recipes()` or a YAML path), apply overrides, validate."""
+    path = resolve_recipe(name_or_path)
+    raw = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    if not isinstance(raw, dict):
+        raise TutorError(f"{path}: a recipe must be a YAML mapping of keys to values")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        return _build(TrainConfig, raw)
+    except TutorError as exc:
+        raise TutorError(f"{path}: {exc}") from None
+
+
+def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
+    """Validate an in-memory mapping (notebooks, tests) exactly like a YAML file."""
+    return _build(TrainConfig, raw)
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def save_config(cfg: TrainConfig, path: str | os.PathLike[str]) -> Path:
+    """Write the resolved config atomically (temp file in the same dir, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(to_yaml(cfg))
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------- recipes
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes shipped in tutor/configs/ (without .yaml), sorted."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def resolve_recipe(name_or_path: str | os.PathLike[str]) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / f"{Path(name_or_path).name.removesuffix('.yaml')}.yaml"
+    if str(name_or_path) and shipped.is_file() and os.sep not in str(name_or_path):
+        return shipped
+    raise TutorError(
+        f"no recipe file or name '{name_or_path}'; `tutor list-cfg` shows the shipped recipes"
+    )
+
+
+def copy_recipe(name: str, dest: str | os.PathLike[str]) -> Path:
+    """Copy a shipped recipe to `dest` (a file path or an existing directory) to edit it."""
+    src = resolve_recipe(name)
+    target = Path(dest)
+    if target.is_dir():
+        target = target / src.name
+    if target.exists():
+        raise TutorError(f"{target} exists; choose another destination or delete it first")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, target)
+    return target
+
+
+def deepspeed_json(name_or_path: str) -> str:
+    """Path of a DeepSpeed JSON: a shipped name (zero2, zero3_offload, ...) or a file."""
+    shipped = DEEPSPEED_DIR / f"{name_or_path}.json"
+    if shipped.is_file():
+        return str(shipped)
+    if Path(name_or_path).is_file():
+        return str(Path(name_or_path))
+    known = ", ".join(sorted(p.stem for p in DEEPSPEED_DIR.glob("*.json")))
+    raise TutorError(f"deepspeed: no config '{name_or_path}' (shipped: {known}, or a JSON path)")
