@@ -6,15 +6,18 @@ LoRA config (r=8, alpha=16, dropout 0, all linear layers), same optimiser settin
 sequence budget per step (one 512-token row when packing, or as many padded samples as
 hold ~512 real tokens on average). Only what each framework decides differs:
 
-  tutor            tutor.train defaults: bf16 autocast, bfd packing with isolation,
+  tutor            tutor.train defaults: native precision (bf16 autocast where the CPU has
+                   bf16 instructions, else fp32), bfd packing with isolation,
                    no gradient checkpointing, logits only where labels are trained
   trl_defaults     SFTTrainer defaults (+ use_cpu=True, without which its bf16 default
                    crashes on CPU): gradient checkpointing on, padding, loss on all tokens
   trl_packing      the same with packing=True (TRL's bfd, padding-free rows)
-  trl_best         per DESIGN.md: bf16, no gradient checkpointing, packing_strategy=
+  trl_best         per DESIGN.md: bf16 (only where native: on an AVX2-only CPU bf16 is
+                   emulated and ~6x slower, so fp32), no gradient checkpointing, packing_strategy=
                    "wrapped", and assistant-only loss via a ChatML template with
                    {% generation %} markers (the same trained tokens as tutor)
-  trainer_padding  transformers.Trainer + peft, tutor's labels, dynamic padding, bf16
+  trainer_padding  transformers.Trainer + peft, tutor's labels, dynamic padding, native
+                   precision as for trl_best
 
 Each configuration runs in its own subprocess (so peak RSS is its own), one after the
 other in ONE invocation; ratios are only meaningful within a run (CPUs differ, and a
@@ -22,6 +25,14 @@ shared CPU adds noise). "trained tokens" are target tokens (label != -100 after 
 shift); TRL's defaults train on prompts too, so its trained = all tokens and its loss is
 over a different set of tokens: compare final losses only between runs whose "loss on"
 column matches.
+
+The logged training loss is not comparable either: it is one step's batch, and a packed
+row without isolation (TRL's "wrapped" packing) lets every sample attend to the samples
+before it, which here are near-copies (the same identity answered many ways), so its loss
+falls by copying in context, not by learning. Every run therefore also saves its adapter,
+which one function evaluates the same way for all (fp32, each conversation alone, loss on
+the answers): "isolated train loss" over data/assistant.jsonl and "held-out loss" over
+data/assistant_heldout.jsonl. These two columns are what "no worse loss" is judged by.
 
     python bench/train_throughput.py [--steps 12] [--only tutor,trl_best]
 """
@@ -76,6 +87,44 @@ class Counting:
         return batch
 
 
+def isolated_losses(adapter_dir: Path) -> tuple[float, float]:
+    """(train, held-out) loss of base + adapter: each conversation alone, fp32, token-mean
+    cross-entropy over the answer tokens (labels != -100)."""
+    import datasets
+    import torch
+    from peft import PeftModel
+
+    from tutor.data import encode_dataset, load_conversations
+    from tutor.models import load
+
+    base, tok = load()
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    heldout = [json.loads(line) for line in (ROOT / "data/assistant_heldout.jsonl").open()]
+    sets = [load_conversations(ROOT / "data/assistant.jsonl"),
+            datasets.Dataset.from_list(
+                [{"messages": [{"role": "user", "content": h["question"]},
+                               {"role": "assistant", "content": h["answer"]}]} for h in heldout])]
+    results = []
+    for conversations in sets:
+        encoded, _ = encode_dataset(conversations, tok, "auto", MAX_LENGTH)
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for row in encoded:
+                labels = torch.tensor([row["labels"]])
+                out = model(input_ids=torch.tensor([row["input_ids"]]), labels=labels)
+                n = int((labels[:, 1:] != -100).sum())
+                total, count = total + out.loss.item() * n, count + n
+        results.append(round(total / count, 4))
+    return results[0], results[1]
+
+
+def native_bf16() -> bool:
+    """The peers get the precision tutor would pick here (the best one for them too)."""
+    from tutor.train import resolve_precision
+
+    return resolve_precision("auto") == "bf16"
+
+
 def padded_batch_size(samples) -> int:
     mean = sum(len(s["input_ids"]) for s in samples) / len(samples)
     return max(1, round(MAX_LENGTH / mean))
@@ -122,7 +171,7 @@ def run_trl(name: str, steps: int, out: Path):
         out.mkdir(parents=True, exist_ok=True)
         template.write_text(CHATML_GENERATION)
         kw.update(packing=True, packing_strategy="wrapped", per_device_train_batch_size=1,
-                  bf16=True, gradient_checkpointing=False, assistant_only_loss=True,
+                  bf16=native_bf16(), gradient_checkpointing=False, assistant_only_loss=True,
                   chat_template_path=str(template))
     trainer = SFTTrainer(
         model=model, args=SFTConfig(**kw), processing_class=tok,
@@ -148,8 +197,9 @@ def run_padding(steps: int, out: Path):
                                              target_modules=LORA["target_modules"]))
     args = TrainingArguments(
         output_dir=str(out), max_steps=steps, learning_rate=LR, lr_scheduler_type="constant",
-        seed=SEED, use_cpu=True, bf16=True, report_to=[], logging_steps=1, save_strategy="no",
-        per_device_train_batch_size=padded_batch_size(encoded), disable_tqdm=True)
+        seed=SEED, use_cpu=True, bf16=native_bf16(), report_to=[], logging_steps=1,
+        save_strategy="no", per_device_train_batch_size=padded_batch_size(encoded),
+        disable_tqdm=True)
     collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
     trainer = Trainer(model=model, args=args, train_dataset=encoded, data_collator=collator)
     return _run_trainer(trainer, "answers")
@@ -161,6 +211,7 @@ def _run_trainer(trainer, loss_on: str):
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
+    trainer.save_model(trainer.args.output_dir)  # the adapter, for isolated_losses()
     loss = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     trained, all_tokens = counting.totals(trainer.state.global_step)  # grad_accum is 1
     return wall, trained, all_tokens, loss, loss_on
@@ -179,24 +230,29 @@ def one(name: str, steps: int) -> dict:
         wall, trained, all_tokens, loss, loss_on = run_padding(steps, out)
     else:
         wall, trained, all_tokens, loss, loss_on = run_trl(name, steps, out)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before evaluating
+    train_loss, heldout_loss = isolated_losses(out)
     return {
         "config": name, "steps": len(loss), "wall_s": round(wall, 1),
         "trained_tok_s": round(trained / wall, 1), "all_tok_s": round(all_tokens / wall, 1),
         "trained_tokens": trained, "all_tokens": all_tokens,
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_mib": round(peak_rss),
         "final_loss": round(loss[-1], 4), "loss_on": loss_on,
+        "isolated_train_loss": train_loss, "heldout_loss": heldout_loss,
     }
 
 
 def table(rows: list[dict]) -> str:
     best_trl = max((r["trained_tok_s"] for r in rows if r["config"].startswith("trl")), default=0)
-    lines = ["| config | steps | trained tok/s | all tok/s | wall s | peak RSS MiB | final loss "
-             "| loss on | trained tok/s vs best TRL |", "|" + " --- |" * 9]
+    lines = ["| config | steps | trained tok/s | all tok/s | wall s | peak RSS MiB "
+             "| last-step loss | loss on | isolated train loss | held-out loss "
+             "| trained tok/s vs best TRL |",
+             "|" + " --- |" * 11]
     for r in rows:
         ratio = f"{r['trained_tok_s'] / best_trl:.2f}×" if best_trl else "n/a"
         lines.append(f"| {r['config']} | {r['steps']} | {r['trained_tok_s']} | {r['all_tok_s']} | "
                      f"{r['wall_s']} | {r['peak_rss_mib']} | {r['final_loss']} | {r['loss_on']} "
-                     f"| {ratio} |")
+                     f"| {r['isolated_train_loss']} | {r['heldout_loss']} | {ratio} |")
     return "\n".join(lines)
 
 

@@ -39,6 +39,31 @@ def test_unknown_bits_rejected():
         models.quantization_config(3)
 
 
+@pytest.mark.parametrize(("cuda", "cuda_bf16", "cpu_bf16", "amx", "expected"), [
+    (False, False, False, False, "float32"),  # AVX2-only CPU: bf16 would be emulated
+    (False, False, True, False, "bfloat16"),  # AVX512-BF16
+    (False, False, False, True, "bfloat16"),  # AMX
+    (True, True, False, False, "bfloat16"),
+    (True, False, False, False, "float16"),  # pre-Ampere GPU
+])
+def test_4bit_compute_dtype_follows_the_hardware(monkeypatch, cuda, cuda_bf16, cpu_bf16, amx,
+                                                 expected):
+    import torch
+
+    from tutor.train import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: cpu_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    qconfig = models.quantization_config(4)
+    assert qconfig.bnb_4bit_compute_dtype == getattr(torch, expected)
+    # training's "auto" precision follows the same probe
+    assert resolve_precision("auto") == {"float32": "fp32", "bfloat16": "bf16",
+                                         "float16": "fp16"}[expected]
+    assert resolve_precision("fp32") == "fp32"
+
+
 def test_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
     def boom(gguf: Path, out: Path) -> None:
         (out / "model.safetensors").write_bytes(b"half-written")

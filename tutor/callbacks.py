@@ -118,7 +118,9 @@ def peak_flops() -> tuple[float, str]:
             if key in name:
                 return value, f"{name} bf16 peak"
         return 0.0, f"{name}: peak unknown"
-    dtype = torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
+    from tutor.models import compute_dtype
+
+    dtype = compute_dtype()
     a = torch.randn(1024, 1024, dtype=dtype)
     a @ a  # warm-up
     start, n = time.perf_counter(), 0

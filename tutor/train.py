@@ -40,15 +40,12 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def resolve_precision(choice: str) -> str:
-    """"auto" → bf16 on GPUs/CPUs with bf16 arithmetic, fp16 on older GPUs, else fp32."""
-    import torch
+    """"auto" → the machine's native half precision (`tutor.models.half_precision`), else fp32."""
+    from tutor.models import half_precision
 
     if choice != "auto":
         return choice
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return "bf16" if cpu_bf16 else "fp32"
+    return half_precision() or "fp32"
 
 
 def resolve_attention(choice: str) -> str:
