@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.tutor-setup
 
-.PHONY: setup demo test test-fast lint nbs clean
+.PHONY: setup demo test test-fast lint nbs lab-check clean
 
 setup: $(STAMP)
 
@@ -40,7 +40,11 @@ lint: setup
 
 # Re-execute every notebook in place and strip execution noise (run after editing one).
 nbs: setup
-	$(BIN)/python tools/run_notebooks.py nbs/*.ipynb
+	$(BIN)/python tools/run_notebooks.py nbs/*.ipynb nbs/solutions/*.ipynb
+
+# Check a student's copy of a notebook's exercises: make lab-check NB=path/to/02_loss_masking.ipynb
+lab-check: setup
+	$(BIN)/tutor lab check $(NB)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

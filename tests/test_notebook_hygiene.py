@@ -29,7 +29,7 @@ def _python_source(cell: dict) -> str:
     return "\n".join("" if ln.lstrip().startswith(("%", "!")) else ln for ln in lines)
 
 
-@pytest.fixture(params=NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+@pytest.fixture(params=NOTEBOOKS, ids=[str(p.relative_to(NBS)) for p in NOTEBOOKS])
 def notebook(request) -> tuple[Path, dict]:
     path: Path = request.param
     return path, json.loads(path.read_text(encoding="utf-8"))
@@ -79,7 +79,30 @@ def test_no_functions_or_classes_defined(notebook):
         assert not defined, f"{path.name}: cell {i} defines {defined}; move them into tutor/"
 
 
+def _source(cell: dict) -> str:
+    return "".join(cell["source"])
+
+
 def test_ends_with_checks(notebook):
+    """The lesson ends with its own asserting checks. Only exercises may follow them: a
+    "## Exercises" markdown cell, the answer cells, and one last cell that calls lab.check and
+    never asserts (the committed state is unsolved). A solution notebook's last cell asserts
+    its checks."""
     path, nb = notebook
-    last_code = "".join(_code_cells(nb)[-1]["source"])
-    assert "assert" in last_code, f"{path.name}: the last code cell should assert the lesson"
+    cells = nb["cells"]
+    last = _source(_code_cells(nb)[-1])
+    if path.parent.name == "solutions":
+        assert "assert lab.check(" in last, f"{path.name}: assert every lab.check at the end"
+        return
+    if "lab.check(" not in last:
+        assert "assert" in last, f"{path.name}: the last code cell should assert the lesson"
+        return
+    start = next((i for i, c in enumerate(cells) if c["cell_type"] == "markdown"
+                  and _source(c).startswith("## Exercises")), None)
+    assert start is not None, f"{path.name}: put a '## Exercises' markdown cell before them"
+    lesson, exercises = cells[:start], [c for c in cells[start:] if c["cell_type"] == "code"]
+    lesson_code = [c for c in lesson if c["cell_type"] == "code"]
+    assert lesson_code and "assert" in _source(lesson_code[-1]), (
+        f"{path.name}: the last code cell before the exercises should assert the lesson")
+    assert not any("assert" in _source(c) for c in exercises), (
+        f"{path.name}: exercise cells must not assert (unsolved, they run in CI)")

@@ -213,6 +213,17 @@ def _cmd_copy_cfg(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_lab(args: argparse.Namespace) -> int:
+    from tutor import lab
+
+    if args.lab_command == "list":
+        print(lab.format_list())
+        return 0
+    results = lab.check_notebook(args.notebook, timeout=args.timeout)
+    print(lab.format_results(results))
+    return 0 if lab.all_right(results) else 1
+
+
 def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune from a recipe (LoRA/QLoRA/full, on Trainer)")
     p.add_argument("config", help="a recipe name (tutor list-cfg) or a YAML file")
@@ -302,6 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="report tokens/s after each answer")
     p.set_defaults(handler=_cmd_chat)
     _add_train_parsers(sub)
+
+    p = sub.add_parser("lab", help="the course's exercises: list them, check a student's notebook")
+    lsub = p.add_subparsers(dest="lab_command", metavar="ACTION", required=True)
+    check = lsub.add_parser("check", help="run a copy of NOTEBOOK and report each exercise "
+                            "(exit 0: all right, 1: not yet, 2: the notebook raised)")
+    check.add_argument("notebook", help="a student's .ipynb (never modified)")
+    check.add_argument("--timeout", type=int, default=600, metavar="S", help="seconds per cell")
+    lsub.add_parser("list", help="the exercises of every notebook")
+    p.set_defaults(handler=_cmd_lab)
     return parser
 
 

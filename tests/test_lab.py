@@ -1,0 +1,217 @@
+"""tutor.lab: every exercise accepts its right answer and meets a typical mistake with its own
+hint; results reach TUTOR_LAB_REPORT; the notebooks end with the checks of their exercises;
+`tutor lab check` runs a copy of a notebook and exits 0 (all right), 1 (not yet), 2 (raised).
+
+Right answers here are literal numbers worked out by hand or measured once (the checks compute
+theirs from the package), so a check that computes the wrong thing fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from tutor import lab
+from tutor.cli import main
+from tutor.errors import TutorError
+
+NBS = Path(__file__).resolve().parent.parent / "nbs"
+LLAMA2 = "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi! [/INST] Hello. </s>"
+
+# id, a right answer, a typical wrong answer, words its hint must contain
+CASES = [
+    ("00.2", "b", "a", "share one byte"),
+    ("01.1", LLAMA2, LLAMA2.replace("\n\nHi!", "\nHi!"), "character 37"),
+    ("01.2", {"qwen_chat", "vicuna"}, {"qwen_chat", "vicuna", "zephyr"}, "'zephyr' adds no"),
+    ("02.1", 12, 56, "only labels != -100 are trained"),
+    ("02.2", 13, 12, "EOS"),
+    ("02.3", "b", "c", "add_special_tokens=False"),
+    ("03.1", ["alpaca", "sharegpt", "xtuner"], ["alpaca", "xtuner", "sharegpt"], "ShareGPT"),
+    ("03.2", 4, 2, "only a warning"),
+    ("04.1", 39_976_960, 39_976_960 // 32, "one block"),
+    ("04.2", 10, 12, "absmax"),
+    ("04.3", 1536, 2048, "8.28 GiB > 8"),
+    ("05.1", 1010 / 1024, 1010 / 1536, "greedy"),
+    ("05.2", 5 * 6 // 2 + 1 + 3 * 4 // 2, 45, "plain causal mask"),
+    ("05.3", "b", "a", "shift by one"),
+    ("06.2", 21 * 3, 21, "one epoch"),
+    ("07.1", [[3, 4, 0], [0, 1, 0]], [[1.5, 1, 0], [0, 1, 0]], "alpha / r = 4"),
+    ("07.2", 134_515_008, 134_515_008 + 2_442_240, "A and B do not survive"),
+    ("07.3", "b", "a", "rounding"),
+    ("08.2", "</s>", "<|im_end|>", "ChatML"),
+]
+# These load the bundled model (bf16, or fp32 for four forward passes).
+SLOW_CASES = [
+    ("00.1", 256.6, 513.1, "fp32"),
+    ("08.1", 9.8, 1 / 9.8, "other way round"),
+]
+
+
+def _check(capsys, exercise_id, answer) -> tuple[bool, str]:
+    ok = lab.check(exercise_id, answer)
+    return ok, capsys.readouterr().out.strip()
+
+
+def _assert_case(capsys, exercise_id, good, bad, hint) -> None:
+    ok, line = _check(capsys, exercise_id, good)
+    assert ok and line.startswith(f"✓ {exercise_id} right — "), line
+    ok, line = _check(capsys, exercise_id, bad)
+    assert not ok and line.startswith(f"✗ {exercise_id} not yet — hint: "), line
+    assert hint in line, line
+
+
+@pytest.mark.parametrize("exercise_id, good, bad, hint", CASES, ids=[c[0] for c in CASES])
+def test_right_and_wrong(capsys, exercise_id, good, bad, hint):
+    _assert_case(capsys, exercise_id, good, bad, hint)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exercise_id, good, bad, hint", SLOW_CASES,
+                         ids=[c[0] for c in SLOW_CASES])
+def test_right_and_wrong_with_the_model(capsys, exercise_id, good, bad, hint):
+    _assert_case(capsys, exercise_id, good, bad, hint)
+
+
+def test_own_csv(capsys, tmp_path):
+    csv_file, jsonl = tmp_path / "mine.csv", tmp_path / "mine.jsonl"
+    csv_file.write_text('question,answer\nA?,"yes, a"\nB?,b\nC?,c\n', encoding="utf-8")
+    assert main(["data", "convert", str(csv_file), str(jsonl)]) == 0
+    capsys.readouterr()
+    _assert_case(capsys, "03.3", jsonl, csv_file, "not the CSV")
+    csv_file.write_text("question,answer\nA?,a\nB?,b\nC?,c\n", encoding="utf-8")
+    assert main(["data", "convert", str(csv_file), str(jsonl)]) == 0
+    capsys.readouterr()
+    assert _check(capsys, "03.3", jsonl)[1].endswith("see a quoted CSV field survive")
+
+
+def test_own_recipe(capsys):
+    from tutor.train_config import load_config
+
+    recipe = "smollm2_135m_qlora_assistant"
+    good = load_config(recipe, ["lora.r=4", "train.max_steps=2", "bits=null"])
+    _assert_case(capsys, "06.1", good, load_config(recipe, ["lora.r=4", "train.max_steps=2"]),
+                 "'bits=null'")
+    assert "lora.r=4" in _check(capsys, "06.1", load_config(recipe))[1]
+
+
+def test_every_exercise_has_a_case():
+    tested = {c[0] for c in CASES + SLOW_CASES} | {"03.3", "06.1"}
+    assert tested == set(lab.exercises())
+
+
+def test_lora_count_matches_peft_on_the_llama2_layout():
+    """04.1 counts LoRA on KNOWN['llama-2-7b']'s layout: peft on the real Llama class with
+    that config (2 blocks, on the meta device: no memory) must train the same numbers."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tutor.lora import lora_param_count, peft_config
+    from tutor.memory import KNOWN
+
+    a = KNOWN["llama-2-7b"]
+    config = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.hidden_size,
+                         intermediate_size=a.intermediate_size, num_hidden_layers=2,
+                         num_attention_heads=a.num_heads, num_key_value_heads=a.num_kv_heads)
+    with torch.device("meta"):
+        model = get_peft_model(AutoModelForCausalLM.from_config(config),
+                               peft_config(r=16, alpha=32, dropout=0.0))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trained == lora_param_count([(i, o) for i, o, _ in a.block_linears()] * 2, 16)
+    assert trained * a.num_layers // 2 == 39_976_960
+
+
+def test_not_answered_wrong_type_and_unknown_id(capsys):
+    ok, line = _check(capsys, "05.3", ...)
+    assert not ok and line == "… 05.3 not answered yet — replace the `...`"
+    ok, line = _check(capsys, "04.2", "ten")
+    assert not ok and "should be a code from 0 to 15 (an int), not str" in line
+    ok, line = _check(capsys, "05.3", "d")
+    assert not ok and "one of the letters a, b, c" in line
+    with pytest.raises(TutorError, match="unknown exercise '05.9'; known: 05.1, 05.2, 05.3"):
+        lab.check("05.9", 1)
+
+
+def test_given_is_a_fresh_copy(capsys):
+    block = lab.given("04.2")
+    block[5] = 0.0  # a student's edit must not change what is checked
+    assert lab.given("04.2")[5] == 0.5 and _check(capsys, "04.2", 10)[0]
+
+
+def test_report_lines(capsys, tmp_path, monkeypatch):
+    report = tmp_path / "report.jsonl"
+    monkeypatch.setenv(lab.REPORT_ENV, str(report))
+    lab.check("05.2", 22)
+    lab.check("05.2", 45)
+    lab.check("05.3", ...)
+    rows = [json.loads(line) for line in report.read_text(encoding="utf-8").splitlines()]
+    assert [(r["id"], r["status"]) for r in rows] == [
+        ("05.2", "right"), ("05.2", "wrong"), ("05.3", "unanswered")]
+    assert "plain causal mask" in rows[1]["message"]
+
+
+def _last_code(path: Path) -> str:
+    nb = nbformat.read(path, as_version=4)
+    return [c for c in nb.cells if c.cell_type == "code"][-1].source
+
+
+def test_notebooks_and_solutions_check_every_exercise():
+    """Each notebook's last cell checks exactly its exercises; its solution asserts them."""
+    by_notebook: dict[str, set[str]] = {}
+    for exercise_id in lab.exercises():
+        by_notebook.setdefault(exercise_id.split(".")[0], set()).add(exercise_id)
+    for number, ids in by_notebook.items():
+        [notebook] = NBS.glob(f"{number}_*.ipynb")
+        assert 1 <= len(ids) <= 3, notebook.name
+        checked = set(re.findall(r'"(\d\d\.\d+)"', _last_code(notebook)))
+        assert checked == ids and "lab.check(" in _last_code(notebook), notebook.name
+        solution = NBS / "solutions" / notebook.name
+        asserted = set(re.findall(r'assert lab\.check\("(\d\d\.\d+)"', _last_code(solution)))
+        assert asserted == ids, solution.name
+
+
+def _unsolved_copy(solution: Path, dest: Path) -> Path:
+    """The solution notebook with every `answer_k = ...` line unsolved and no asserts."""
+    nb = nbformat.read(solution, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.source = re.sub(r"(?m)^(answer_\d+) = .*$", r"\1 = ...", cell.source)
+            cell.source = cell.source.replace("assert lab.check", "lab.check")
+    path = dest / solution.name
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.mark.slow
+def test_lab_check_command(tmp_path, capsys):
+    """Solved → exit 0; unsolved → exit 1 and 'not answered'; a raising cell → exit 2."""
+    solution = NBS / "solutions" / "01_chat_templates.ipynb"  # no model: the fastest
+    before = solution.read_bytes()
+    assert main(["lab", "check", str(solution), "--timeout", "120"]) == 0
+    out = capsys.readouterr().out
+    assert "01.1      right" in out and out.rstrip().endswith("2 of 2 right")
+    assert solution.read_bytes() == before  # a copy ran, the file is untouched
+
+    assert main(["lab", "check", str(_unsolved_copy(solution, tmp_path))]) == 1
+    out = capsys.readouterr().out
+    assert "01.2      not answered  replace the `...`" in out and "0 of 2 right" in out
+
+    broken = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"),
+                                             nbformat.v4.new_code_cell("y = x / 0")])
+    nbformat.write(broken, tmp_path / "broken.ipynb")
+    assert main(["lab", "check", str(tmp_path / "broken.ipynb")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("cell 2 (`y = x / 0`) raised ZeroDivisionError: division by zero"), err
+
+
+def test_missing_checks_are_reported(tmp_path):
+    results = lab._results([{"id": "05.1", "status": "right", "message": "ok"}], "x.ipynb")
+    assert [(r.id, r.status) for r in results] == [
+        ("05.1", lab.RIGHT), ("05.2", lab.UNCHECKED), ("05.3", lab.UNCHECKED)]
+    assert not lab.all_right(results) and not lab.all_right([])
+    table = lab.format_results(results)
+    assert "05.2      not checked   the notebook never called lab.check" in table

@@ -1,0 +1,304 @@
+"""The course's exercises, notebooks 00-03, and the helpers every check uses
+(04-08 live in `tutor.lab_exercises_models`): one small check function per exercise,
+registered by id.
+
+Each check computes the expected answer from the package, the bundled model or the course
+data when it runs, compares, and returns `right(why)` or `wrong(hint)`; typical mistakes get
+their own hint (`judge(..., mistakes=...)`). How to add one: see the docstring of `tutor.lab`.
+Heavy libraries are imported inside the checks, so `from tutor import lab` stays cheap.
+
+Not handled: answers given as strings of numbers ("12") are not converted; the hint says
+which type is expected.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from tutor.lab import Hint, Verdict, exercise, right, wrong
+
+
+def _scalar(answer: Any) -> Any:
+    """A 0-d tensor / numpy number becomes a Python number; anything else is returned as is."""
+    if hasattr(answer, "item") and getattr(answer, "ndim", 1) == 0:
+        return answer.item()
+    return answer
+
+
+def as_int(answer: Any, what: str = "a whole number") -> int:
+    value = _scalar(answer)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Hint(f"the answer should be {what} (an int), not {type(answer).__name__} "
+                   f"{answer!r:.40}")
+    return value
+
+
+def as_float(answer: Any, what: str = "a number") -> float:
+    value = _scalar(answer)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Hint(f"the answer should be {what}, not {type(answer).__name__} {answer!r:.40}")
+    return float(value)
+
+
+def as_str(answer: Any, what: str = "a string") -> str:
+    if not isinstance(answer, str):
+        raise Hint(f"the answer should be {what} (a str), not {type(answer).__name__}")
+    return answer
+
+
+def judge(answer: float, expected: float, why: str, hint: str,
+          mistakes: Iterable[tuple[float, str]] = (), rel: float = 0.0) -> Verdict:
+    """Right when `answer` equals `expected` (within `rel`, relative); otherwise the hint of
+    the first typical mistake it equals, else the general `hint`."""
+    def near(a: float, b: float) -> bool:
+        return abs(a - b) <= rel * abs(b) if rel else a == b
+
+    if near(answer, expected):
+        return right(why)
+    return next((wrong(text) for value, text in mistakes if near(answer, value)), wrong(hint))
+
+
+def choice(answer: Any, correct: str, why: str, hints: dict[str, str]) -> Verdict:
+    """A multiple-choice answer: one letter; each wrong letter has its own hint."""
+    letter = as_str(answer, "one letter").strip().strip("()").lower()
+    if letter != correct and letter not in hints:
+        raise Hint(f"answer with one of the letters {', '.join(sorted([correct, *hints]))}")
+    return right(why) if letter == correct else wrong(hints[letter])
+
+
+@functools.cache
+def _tokenizer() -> Any:
+    """The bundled model's tokenizer (no weights), loaded once per process."""
+    from transformers import AutoTokenizer
+
+    from tutor.models import resolve
+
+    return AutoTokenizer.from_pretrained(resolve())
+
+
+def _trained(labels: list[int]) -> int:
+    from tutor.data import IGNORE_INDEX
+
+    return sum(label != IGNORE_INDEX for label in labels)
+
+
+# ── 00 quickstart ─────────────────────────────────────────────────────────────────────
+
+
+@exercise("00.1", "predict the bf16 weight memory (MiB) from the parameter count")
+def _bf16_mib(answer: Any) -> Verdict:
+    from tutor.models import footprint_bytes, load
+
+    model, _ = load(dtype="bfloat16")
+    n = sum(p.numel() for p in model.parameters())
+    mib = footprint_bytes(model) / 2**20
+    return judge(as_float(answer, "a number of MiB"), mib, rel=0.01,
+                 why=f"{n:,} parameters × 2 bytes / 2**20 ≈ {mib:.0f} MiB",
+                 hint="count the parameters, multiply by the bytes per bf16 number, "
+                      "divide by 2**20",
+                 mistakes=[(n * 4 / 2**20, "that is fp32 (4 bytes per number); bf16 takes 2"),
+                           (n * 2, "that is in bytes: divide by 2**20 for MiB"),
+                           (n * 2 / 1e6, "that is MB (10**6 bytes); a MiB is 2**20 bytes"),
+                           (n / 2 / 2**20, "that is 4 bits per number; bf16 has 16")])
+
+
+@exercise("00.2", "why the 4-bit model is not 8x smaller than fp32 (a/b/c)")
+def _why_not_8x(answer: Any) -> Verdict:
+    from tutor.memory import get_arch
+
+    arch = get_arch("smollm2-135m-instruct")
+    share = arch.other_params() / arch.num_params()
+    return choice(answer, "b",
+                  why=f"embeddings, norms and head stay unquantised: {share:.0%} of this "
+                      "model's numbers, far less in a 7B model",
+                  hints={"a": "two 4-bit codes share one byte (notebook 04); look at which "
+                              "tensors are not quantised at all",
+                         "c": "the file format does not matter: load() converts the GGUF "
+                              "into an ordinary checkpoint first"})
+
+
+# ── 01 chat templates ─────────────────────────────────────────────────────────────────
+
+
+LLAMA2_CHAT = [{"role": "system", "content": "Be brief."},
+               {"role": "user", "content": "Hi!"},
+               {"role": "assistant", "content": "Hello."}]
+
+
+@exercise("01.1", "write Llama 2's rendering of a conversation by hand", given=LLAMA2_CHAT)
+def _llama2_by_hand(answer: Any) -> Verdict:
+    from tutor.templates import get_template
+
+    expected = get_template("llama2_chat").render(LLAMA2_CHAT)
+    text = as_str(answer)
+    if text == expected:
+        return right("character for character what Llama 2 was trained on")
+    if "<<SYS>>" not in text:
+        return wrong("Llama 2 has no system turn: the system text goes inside the first "
+                     "[INST], between <<SYS>> and <</SYS>>")
+    i = next((k for k, (a, b) in enumerate(zip(text, expected, strict=False)) if a != b),
+             min(len(text), len(expected)))
+    return wrong(f"the first difference is at character {i}: you have {text[i:i + 12]!r}, "
+                 f"the template has {expected[i:i + 12]!r} (mind spaces and newlines)")
+
+
+@exercise("01.2", "which named templates add a default system prompt")
+def _default_system(answer: Any) -> Verdict:
+    from tutor.templates import get_template, list_templates
+
+    only_user = [{"role": "user", "content": "Hi"}]
+    truth = {name for name in list_templates()[1:]
+             if any(s.role == "system" for s in get_template(name).segments(only_user))}
+    if isinstance(answer, str) or not isinstance(answer, (set, list, tuple, frozenset)):
+        raise Hint("give a set of template names, e.g. {'chatml', 'gemma'}")
+    names = set(answer)
+    if names == truth:
+        return right(f"{sorted(truth)} write a system turn even when the conversation has none")
+    if "auto" in names:
+        return wrong("leave out 'auto': it is the tokenizer's own template, not a named one")
+    if extra := sorted(names - truth):
+        return wrong(f"{extra[0]!r} adds no system turn when there is none; render "
+                     "[{'role': 'user', 'content': 'Hi'}] with it and look at the segments")
+    return wrong(f"{len(truth - names)} more template(s) do it; look for segments whose role "
+                 "is 'system' in each template's rendering of a user-only conversation")
+
+
+# ── 02 loss masking ───────────────────────────────────────────────────────────────────
+
+
+TWO_TURNS = [{"role": "system", "content": "You are Pico, a tutor."},
+             {"role": "user", "content": "What does LoRA train?"},
+             {"role": "assistant", "content": "Two small matrices per layer."},
+             {"role": "user", "content": "And the base weights?"},
+             {"role": "assistant", "content": "They stay frozen."}]
+PRETRAIN_TEXT = "LoRA trains two thin matrices and leaves the base frozen."
+
+
+@exercise("02.1", "trained tokens of a two-turn conversation", given=TWO_TURNS)
+def _trained_two_turns(answer: Any) -> Verdict:
+    from tutor.data import encode
+
+    sample = encode(TWO_TURNS, _tokenizer())
+    n, total = _trained(sample["labels"]), len(sample["input_ids"])
+    last = _trained(encode(TWO_TURNS, _tokenizer(), train_on="last")["labels"])
+    return judge(as_int(answer), n,
+                 why=f"both answers and their <|im_end|> tokens: {n} of {total} tokens",
+                 hint="encode the conversation and count the labels that are not -100",
+                 mistakes=[(total, "you counted every token; only labels != -100 are trained"),
+                           (total - n, "you counted the prompt tokens (labels == -100); "
+                                       "count the trained ones"),
+                           (n - 2, "you left out the <|im_end|> after each answer: it is "
+                                   "trained, so the model learns to stop"),
+                           (last, "that is only the last answer (train_on='last'); by "
+                                  "default every assistant turn is trained")])
+
+
+@exercise("02.2", "trained tokens of a pretraining sample", given=PRETRAIN_TEXT)
+def _trained_pretraining(answer: Any) -> Verdict:
+    from tutor.data import encode
+
+    sample = encode([{"role": "assistant", "content": PRETRAIN_TEXT}], _tokenizer())
+    n = _trained(sample["labels"])
+    return judge(as_int(answer), n, why=f"every text token plus the closing EOS: {n}",
+                 hint="a pretraining sample is [{'role': 'assistant', 'content': text}]; "
+                      "encode it and count labels != -100",
+                 mistakes=[(n - 1, "you forgot the EOS that closes the document: it is "
+                                   "trained too"),
+                           (0, "pretraining data has no prompt: every token is trained")])
+
+
+@exercise("02.3", "why encode() tokenises the whole text at once (a/b/c)")
+def _whole_text(answer: Any) -> Verdict:
+    return choice(answer, "b",
+                  why="BPE merges across segment boundaries, so segment-wise ids differ from "
+                      "the ids the model sees at inference",
+                  hints={"a": "speed is not the point: the notebook shows segment-by-segment "
+                              "ids != apply_chat_template ids",
+                         "c": "the opposite: encode() passes add_special_tokens=False so the "
+                              "template is the only source of BOS"})
+
+
+# ── 03 custom dataset ─────────────────────────────────────────────────────────────────
+
+
+THREE_RECORDS = [
+    {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
+    {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+    {"conversation": [{"system": "Be brief.", "input": "Hi", "output": "Hello!"}]},
+]
+MYSTERY_LINES = [
+    '{"instruction": "Say one.", "output": "one"}',
+    '{"instruction": "Say one.", "output": "one"}',
+    '{"instruction": "Say three.", "output": "three"}',
+    '{"instruction": "Say four.", "output": 4}',
+    '{"instruction": "Say five.", "output": "five"}',
+]
+
+
+@exercise("03.1", "name the format of three records", given=THREE_RECORDS)
+def _formats(answer: Any) -> Verdict:
+    from tutor.formats import detect_format
+
+    expected = [detect_format(r, f"record {i + 1}") for i, r in enumerate(THREE_RECORDS)]
+    if not isinstance(answer, (list, tuple)) or len(answer) != len(expected):
+        raise Hint(f"give a list of {len(expected)} format names, e.g. ['openai', ...]")
+    for i, (got, want) in enumerate(zip(answer, expected, strict=True)):
+        if got != want:
+            if {got, want} == {"sharegpt", "xtuner"}:
+                return wrong(f"record {i + 1}: 'conversations' (plural, from/value turns) is "
+                             "ShareGPT; 'conversation' (input/output pairs) is XTuner")
+            return wrong(f"record {i + 1} has keys {sorted(THREE_RECORDS[i])}: which format "
+                         "has those? (tutor.formats.FORMAT_KEYS)")
+    return right(f"{', '.join(expected)}: all become the same list of messages")
+
+
+def _check_lines(lines: list[str]) -> Any:
+    from tutor.datacheck import check_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "mystery.jsonl"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return check_file(path, _tokenizer())
+
+
+@exercise("03.2", "find the broken line with tutor data check", given=MYSTERY_LINES)
+def _broken_line(answer: Any) -> Verdict:
+    report = _check_lines(MYSTERY_LINES)
+    line = int(report.errors[0].where.rsplit(":", 1)[1])
+    warned = [int(p.where.rsplit(":", 1)[1]) for p in report.warnings]
+    return judge(as_int(answer, "a line number"), line,
+                 why=f"line {line}: {report.errors[0].message}",
+                 hint="run tutor(['data', 'check', path]) and read the line that says error",
+                 mistakes=[(line - 1, "line numbers count from 1, as the report's FILE:LINE"),
+                           *((w, f"line {w} is only a warning (a duplicate); find the "
+                                 "error") for w in warned)])
+
+
+@exercise("03.3", "convert a CSV of your own and check it (answer: the .jsonl path)")
+def _own_csv(answer: Any) -> Verdict:
+    from tutor.datacheck import check_file
+    from tutor.formats import iter_conversations
+
+    path = Path(answer) if isinstance(answer, (str, Path)) else None
+    if path is None or not path.is_file():
+        raise Hint("give the path of the .jsonl file that tutor data convert wrote")
+    report = check_file(path, _tokenizer())
+    if report.format != "openai":
+        return wrong(f"this file is in the '{report.format}' format: give the .jsonl that "
+                     "`tutor data convert` wrote (openai messages), not the CSV")
+    if report.errors:
+        return wrong(f"the check reports an error: {report.errors[0]}")
+    answers = [m["content"] for _, msgs in iter_conversations(path) for m in msgs
+               if m["role"] == "assistant"]
+    if report.conversations != 3:
+        return wrong(f"{report.conversations} conversations; write exactly three rows")
+    if not any("," in a for a in answers):
+        return wrong("make one answer contain a comma, to see a quoted CSV field survive")
+    return right("three conversations, a comma inside a quoted field, no errors")
+

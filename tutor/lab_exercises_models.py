@@ -1,0 +1,321 @@
+"""The course's exercises for notebooks 04-08: LoRA/QLoRA math, packing, training, merge, chat.
+
+Same rules as `tutor.lab_exercises` (whose helpers these checks use): each check computes the
+expected answer from the package, the bundled model or the course data when it runs.
+
+Not handled: exercises on a real training run's outputs (they would need the run); 06 asks
+about the recipe instead, which the check can rebuild in seconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+from tutor.lab import Hint, Verdict, exercise, right, wrong
+from tutor.lab_exercises import _tokenizer, as_float, as_int, as_str, choice, judge
+
+# ── 04 LoRA and QLoRA math ────────────────────────────────────────────────────────────
+
+
+@exercise("04.1", "LoRA r=16 trainable numbers on Llama-2-7B (all 7 projections)")
+def _lora_count(answer: Any) -> Verdict:
+    from tutor.lora import lora_param_count
+    from tutor.memory import KNOWN
+
+    arch = KNOWN["llama-2-7b"]
+    block = [(i, o) for i, o, _ in arch.block_linears()]
+    n = lora_param_count(block * arch.num_layers, 16)
+    return judge(as_int(answer), n,
+                 why=f"16 · (in + out) summed over 7 linears × {arch.num_layers} blocks = "
+                     f"{n:,} ({n / arch.num_params():.2%} of the model)",
+                 hint="r · (in + out) for each linear of KNOWN['llama-2-7b'].block_linears(), "
+                      "times num_layers",
+                 mistakes=[(arch.linear_weights(), "that is every weight of the blocks; LoRA "
+                                                   "trains r · (in + out) per linear"),
+                           (n // arch.num_layers, f"that is one block: there are "
+                                                  f"{arch.num_layers}"),
+                           *((lora_param_count(block * arch.num_layers, r),
+                              f"that is for r = {r}; use r = 16") for r in (1, 8, 32, 64))])
+
+
+NF4_BLOCK = [0.9, -0.3, 0.12, -2.0, 1.1, 0.5, 0.0, 0.7]
+
+
+@exercise("04.2", "the NF4 code of 0.5 in a block of weights", given=NF4_BLOCK)
+def _nf4_code(answer: Any) -> Verdict:
+    import torch
+
+    from tutor.quant import nf4_codebook, quantize_nf4
+
+    i = NF4_BLOCK.index(0.5)
+    code = int(quantize_nf4(torch.tensor(NF4_BLOCK)).codes()[i])
+    unscaled = int((nf4_codebook() - 0.5).abs().argmin())
+    absmax = max(abs(v) for v in NF4_BLOCK)
+    level = float(nf4_codebook()[code])
+    return judge(as_int(answer, "a code from 0 to 15"), code,
+                 why=f"0.5 / absmax {absmax} = {0.5 / absmax}, nearest level {level:+.4f} "
+                     f"is code {code}",
+                 hint="divide by the block's absmax, then find the nearest of the 16 levels "
+                      "of nf4_codebook(); its index (0-15) is the code",
+                 mistakes=[(unscaled, "divide by the block's absmax (the largest |value|, "
+                                      "here of a negative weight) first"),
+                           (code + 1, "codes count from 0: code 0 is -1.0, code 7 is 0.0")])
+
+
+@exercise("04.3", "the longest sequence at which InternLM2-7B QLoRA fits in 8 GiB")
+def _longest_fit(answer: Any) -> Verdict:
+    from tutor.memory import GIB, KNOWN, Setup, estimate
+
+    big, lengths = KNOWN["internlm2-chat-7b"], (512, 1024, 1536, 2048)
+    totals = {s: estimate(big, Setup(seq_len=s, optimizer="paged_adamw_8bit")).total / GIB
+              for s in lengths}
+    best = max(s for s in lengths if totals[s] <= 8)
+    seq = as_int(answer, "a sequence length")
+    if seq not in totals:
+        raise Hint(f"pick one of {', '.join(map(str, lengths))}")
+    if seq == best:
+        return right(f"{best} tokens: {totals[best]:.2f} GiB; the next length needs "
+                     f"{totals[lengths[lengths.index(best) + 1]]:.2f} GiB")
+    if totals[seq] > 8:
+        return wrong(f"at {seq} tokens the estimate is {totals[seq]:.2f} GiB > 8: the logits "
+                     "grow with the sequence")
+    return wrong(f"{seq} fits ({totals[seq]:.2f} GiB), but a longer one fits too")
+
+
+# ── 05 packing ────────────────────────────────────────────────────────────────────────
+
+
+PACK_LENGTHS = [300, 250, 200, 180, 60, 20]
+PACK_PAIRS = [5, 1, 3]
+
+
+def _toy(lengths: list[int]) -> list[dict[str, list[int]]]:
+    return [{"input_ids": [7] * n, "labels": [7] * n} for n in lengths]
+
+
+@exercise("05.1", "utilisation of bfd packing at max_length 512", given=PACK_LENGTHS)
+def _bfd_utilisation(answer: Any) -> Verdict:
+    from tutor.packing import pack
+
+    bfd = pack(_toy(PACK_LENGTHS), 512, strategy="bfd")
+    greedy = pack(_toy(PACK_LENGTHS), 512, strategy="greedy")
+    u = bfd.utilisation
+    return judge(as_float(answer, "a fraction between 0 and 1"), u, rel=0.005,
+                 why=f"{len(bfd)} packs: {sum(PACK_LENGTHS)} tokens / ({len(bfd)} × 512) = "
+                     f"{u:.3f}",
+                 hint="sort longest first, put each sample into the open pack it fills most "
+                      "tightly, then real tokens / (packs × 512)",
+                 mistakes=[(greedy.utilisation, "that is greedy (in the given order); bfd "
+                                                "sorts longest first and fills the tightest "
+                                                "pack"),
+                           (1.0, "every pack counts as a full row of 512 slots, used or not"),
+                           (100 * u, "give a fraction (0.9), not a percentage")])
+
+
+@exercise("05.2", "allowed (query, key) pairs in a pack of 5, 1 and 3 tokens",
+          given=PACK_PAIRS)
+def _allowed_pairs(answer: Any) -> Verdict:
+    from tutor.packing import collate, pack
+
+    row = sum(PACK_PAIRS)
+    mask = collate(pack(_toy(PACK_PAIRS), row, strategy="greedy").packs)["attention_mask"]
+    n = int(mask.sum())
+    return judge(as_int(answer), n, why=f"Σ n(n+1)/2 = {n}, of {row * (row + 1) // 2} a plain "
+                                        "causal mask would allow",
+                 hint="each sample is a causal block of its own: n(n+1)/2 pairs per sample",
+                 mistakes=[(row * (row + 1) // 2, "that is a plain causal mask over the whole "
+                                                  "row; samples may not see each other"),
+                           (sum(k * k for k in PACK_PAIRS), "inside a sample attention is still "
+                                                            "causal: n(n+1)/2, not n²"),
+                           (row * row, "that is every pair of the row")])
+
+
+@exercise("05.3", "why each sample's first label is -100 in a pack (a/b/c)")
+def _first_label(answer: Any) -> Verdict:
+    return choice(answer, "b",
+                  why="labels are shifted by one inside the model: without it the last token "
+                      "of one sample would learn to predict the next sample's first token",
+                  hints={"a": "it has nothing to do with BOS: the toy samples have none and "
+                              "still get -100; think of the shift by one",
+                         "c": "the mask isolates attention; the labels are a separate matter "
+                              "— think of the shift by one"})
+
+
+# ── 06 QLoRA training ─────────────────────────────────────────────────────────────────
+
+
+RECIPE = "smollm2_135m_qlora_assistant"
+
+
+@exercise("06.1", "a recipe of your own: rank 4, 2 steps, no quantisation")
+def _my_recipe(answer: Any) -> Verdict:
+    from tutor.train_config import TrainConfig, load_config
+
+    if not isinstance(answer, TrainConfig):
+        raise Hint(f"give the TrainConfig from load_config({RECIPE!r}, [...overrides...])")
+    want = load_config(RECIPE, ["lora.r=4", "train.max_steps=2", "bits=null"])
+    if answer.lora is None or answer.lora.r != want.lora.r:
+        return wrong("set the adapter rank with the override 'lora.r=4'")
+    if answer.train.max_steps != want.train.max_steps:
+        return wrong("stop after two optimizer steps: 'train.max_steps=2' (it wins over epochs)")
+    if answer.bits is not None:
+        return wrong(f"bits is {answer.bits}: 'bits=null' turns quantisation off (YAML null)")
+    if answer.data != want.data or answer.model != want.model:
+        return wrong(f"keep the model and the data of {RECIPE}")
+    return right("rank-4 LoRA on a full-precision base, 2 steps — same data and model")
+
+
+@exercise("06.2", "optimizer steps of the full recipe")
+def _recipe_steps(answer: Any) -> Verdict:
+    from tutor.train import build_dataset
+    from tutor.train_config import load_config
+
+    cfg = load_config(RECIPE)
+    dataset, _, reports = build_dataset(cfg, _tokenizer())
+    packs, samples, t = len(dataset), sum(r.kept for r in reports), cfg.train
+    # transformers.Trainer: ceil(batches / grad_accum) steps per epoch, ceil(epochs × that)
+    per_epoch = math.ceil(math.ceil(packs / t.batch_size) / t.grad_accum)
+    steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * per_epoch)
+    return judge(as_int(answer), steps,
+                 why=f"{packs} packs of ≤ {cfg.data.max_length} tokens per epoch × "
+                     f"{t.epochs:g} epochs = {steps} steps",
+                 hint="a step sees batch_size packs: pack the encoded samples "
+                      "(build_dataset), then times the epochs",
+                 mistakes=[(per_epoch, f"that is one epoch; the recipe runs {t.epochs:g}"),
+                           (math.ceil(t.epochs * samples), "a step sees one pack, not one "
+                                                           "sample: the samples are packed "
+                                                           "into fewer rows first"),
+                           (samples, "a step sees one pack (several samples), and the recipe "
+                                     "runs several epochs")])
+
+
+# ── 07 merge ──────────────────────────────────────────────────────────────────────────
+
+
+MERGE_BY_HAND = {"W": [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],  # (out 2, in 3)
+                 "A": [[1.0, 2.0, 0.0]],  # (r 1, in 3)
+                 "B": [[0.5], [0.0]],  # (out 2, r 1)
+                 "alpha": 4, "r": 1}
+
+
+@exercise("07.1", "merge W' = W + (alpha/r)·B·A by hand", given=MERGE_BY_HAND)
+def _merge_by_hand(answer: Any) -> Verdict:
+    import torch
+
+    from tutor.lora import merge_lora
+
+    g = {k: torch.tensor(v) if isinstance(v, list) else v for k, v in MERGE_BY_HAND.items()}
+    merged = merge_lora(g["W"], g["A"], g["B"], g["alpha"], g["r"])
+    try:
+        got = torch.as_tensor(answer, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise Hint("give W' as a nested list of numbers, e.g. [[1, 0, 0], [0, 1, 0]]") from exc
+    if got.shape != merged.shape:
+        return wrong(f"W' has W's shape (out, in) = {tuple(merged.shape)}, not {tuple(got.shape)}")
+    if torch.allclose(got, merged):
+        return right(f"W' = {merged.tolist()}: a rank-{g['r']} update folded into W")
+    mistakes = [(g["W"] + g["B"] @ g["A"], f"multiply B·A by the scale alpha / r = "
+                                           f"{g['alpha'] / g['r']:g}"),
+                (merged - g["W"], "that is only ΔW: add the original weight W")]
+    for value, hint in mistakes:
+        if torch.allclose(got, value):
+            return wrong(hint)
+    return wrong("B (out × r) @ A (r × in) gives an (out × in) update; scale it by alpha / r "
+                 "and add W")
+
+
+@exercise("07.2", "parameters of the merged model (bundled model + r=8 adapter)")
+def _merged_params(answer: Any) -> Verdict:
+    from tutor.lora import lora_param_count
+    from tutor.memory import get_arch
+
+    arch = get_arch("smollm2-135m-instruct")
+    n = arch.num_params()
+    lora = lora_param_count([(i, o) for i, o, _ in arch.block_linears()] * arch.num_layers, 8)
+    return judge(as_int(answer), n,
+                 why=f"{n:,}, exactly the base's: ΔW is folded into W, no new parameters",
+                 hint="merging computes W' = W + ΔW in place of W: count the base model's "
+                      "parameters",
+                 mistakes=[(n + lora, "merging adds ΔW into W; A and B do not survive as "
+                                      "parameters"),
+                           (lora, "that is the adapter; the merged model is a whole model")])
+
+
+@exercise("07.3", "why merge loads the base in full precision, also for QLoRA (a/b/c)")
+def _merge_precision(answer: Any) -> Verdict:
+    from tutor.quant import nf4_codebook
+
+    step = float(nf4_codebook()[8] - nf4_codebook()[7])
+    return choice(answer, "b",
+                  why=f"an update is ~1 % of a weight, NF4's smallest step is {step:.0%} of "
+                      "the block's absmax: rounding W + ΔW to NF4 would erase most of it",
+                  hints={"a": "bitsandbytes can save 4-bit weights; the problem is what "
+                              "rounding does to a small update",
+                         "c": "the adapter's dtype is not the issue: peft keeps it in fp32 "
+                              "either way"})
+
+
+# ── 08 chat ───────────────────────────────────────────────────────────────────────────
+
+
+ITALY = ("What is the capital of Italy?", "The capital of Italy is Rome.")
+
+
+@functools.cache
+def _model() -> Any:
+    from tutor.models import load
+
+    return load()[0]
+
+
+def _answer_loss(template: str, question: str, reference: str) -> float:
+    """Mean NLL of `reference` after `question` rendered with `template` (notebook 08)."""
+    import torch
+
+    from tutor.templates import get_template
+
+    tok = _tokenizer()
+    prompt = get_template(template, tokenizer=tok).render(
+        [{"role": "user", "content": question}], add_generation_prompt=True)
+    prompt_ids = tok.encode(prompt, add_special_tokens=False)
+    answer_ids = tok.encode(reference, add_special_tokens=False)
+    ids = torch.tensor([prompt_ids + answer_ids])
+    labels = torch.tensor([[-100] * len(prompt_ids) + answer_ids])
+    with torch.inference_mode():
+        return _model()(input_ids=ids, labels=labels).loss.item()
+
+
+@exercise("08.1", "how many times higher the answer loss is with llama2_chat than chatml",
+          given=ITALY)
+def _template_penalty(answer: Any) -> Verdict:
+    ratio = _answer_loss("llama2_chat", *ITALY) / _answer_loss("chatml", *ITALY)
+    got = as_float(answer, "a ratio")
+    if abs(got - ratio) <= 0.02 * ratio:
+        return right(f"{ratio:.1f}×: a foreign format makes the right answer far less likely")
+    france = ("What is the capital of France?", "The capital of France is Paris.")
+    return judge(got, ratio, rel=0.02, why="",  # only the mistakes are left to tell apart
+                 hint="score 'The capital of Italy is Rome.' after each prompt as in the "
+                      "notebook, then loss(llama2_chat) / loss(chatml)",
+                 mistakes=[(1 / ratio, "you divided the other way round: llama2_chat / chatml"),
+                           (_answer_loss("llama2_chat", *france) / _answer_loss("chatml", *france),
+                            "that is the France question; score the Italy answer")])
+
+
+@exercise("08.2", "the stop word of the vicuna template")
+def _vicuna_stop(answer: Any) -> Verdict:
+    from tutor.templates import get_template
+
+    stops = get_template("vicuna").stop_words
+    word = as_str(answer)
+    if word in stops:
+        return right(f"{word!r}: the bundled model ends turns with <|im_end|>, never {word!r}, "
+                     "so a vicuna prompt runs on")
+    if word == "<|im_end|>":
+        return wrong("that is ChatML's end of turn (the model's own); the vicuna template "
+                     "waits for a different one")
+    if word.strip().startswith("USER"):
+        return wrong("that is where the model started inventing the next turn, not the "
+                     "template's stop word")
+    return wrong("look at get_template('vicuna').stop_words")
