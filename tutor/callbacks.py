@@ -182,7 +182,7 @@ class ThroughputCallback(TrainerCallback):
     def on_save(self, args, state, control, **kw):
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and ckpt.is_dir():
-            _atomic_write(ckpt / PROGRESS_FILE, json.dumps(self.totals))
+            atomic_write(ckpt / PROGRESS_FILE, json.dumps(self.totals))
 
 
 class MetricsCallback(TrainerCallback):
@@ -231,7 +231,8 @@ def plot_loss(log_history: list[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Write `text` to a temp file beside `path`, then rename: readers never see half a file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)

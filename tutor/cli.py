@@ -30,9 +30,19 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from tutor.demo import run_demo
+    import logging
 
-    run_demo(model=args.model, bits=args.bits)
+    from tutor.demo import quick_demo, run_practice
+
+    if args.quick:
+        quick_demo(model=args.model or "smollm2-135m-instruct", bits=args.bits)
+        return 0
+    if args.bits is not None:
+        raise TutorError("--bits only applies with --quick (the practice trains QLoRA as "
+                         "its recipe says and chats in fp32)")
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    overrides = [*args.set, *([f"model={args.model}"] if args.model else [])]
+    run_practice(args.out, overrides=overrides)
     return 0
 
 
@@ -256,9 +266,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the bundled model and where it is cached")
     p.set_defaults(handler=_cmd_models)
 
-    p = sub.add_parser("demo", help="the main job: load the bundled model and answer questions")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="bundled name, dir or hub id")
-    p.add_argument("--bits", type=int, choices=(4, 8), default=None, help="load quantised")
+    p = sub.add_parser("demo", help="the main job: chat, QLoRA-train, convert, merge and chat "
+                       "again with the bundled model; timings and a transcript")
+    p.add_argument("--out", default="work_dirs/demo", help="output directory (a previous "
+                   "demo's is replaced; default: work_dirs/demo)")
+    p.add_argument("--quick", action="store_true",
+                   help="no training: only load the model and answer a few questions")
+    p.add_argument("--model", default=None, help="base model: bundled name, dir or hub id "
+                   "(default: the recipe's, smollm2-135m-instruct)")
+    p.add_argument("--bits", type=int, choices=(4, 8), default=None,
+                   help="with --quick: load quantised")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the recipe, e.g. --set train.epochs=1 (repeatable)")
     p.set_defaults(handler=_cmd_demo)
 
     _add_data_parser(sub)

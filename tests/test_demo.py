@@ -1,0 +1,93 @@
+"""`tutor demo`: the whole practice on a tiny budget, OUT handling, question scoring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tiny_lora import tiny_base
+
+from tutor.demo import MARKER, Question, load_questions, prepare_out, run_practice, score
+from tutor.errors import TutorError
+
+STAGES = ["chat with the base model", "train", "convert", "merge", "chat with the merged model"]
+
+
+@pytest.mark.slow
+def test_practice_on_a_tiny_budget_writes_every_stage(tmp_path, capsys):
+    """The real recipe (QLoRA, packing, convert, merge with its logits check) for two
+    optimizer steps on a random 2-layer Llama with the bundled tokenizer: what is checked
+    is that every stage runs and leaves its artifact, not what a model learns (the full
+    demo on the bundled model is run by hand: it takes minutes)."""
+    base = tiny_base(tmp_path / "tiny")
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text(json.dumps({"question": "Who built you?", "expected": ["Tutor Lab"]}) + "\n")
+    out = tmp_path / "demo"
+    s = run_practice(out, overrides=[f"model={base}", "train.max_steps=2"],
+                     heldout=heldout, max_new_tokens=8)
+    assert s["base_model"] == str(base)
+    assert [r["stage"] for r in s["stages"]] == STAGES
+    assert all(r["seconds"] >= 0 for r in s["stages"]) and s["total_seconds"] > 0
+    rss = [r["peak_rss_mib"] for r in s["stages"]]
+    assert rss == sorted(rss) and rss[0] > 100  # a high-water mark (torch alone is ~300 MiB)
+    assert s["total_seconds"] == pytest.approx(sum(r["seconds"] for r in s["stages"]), abs=0.2)
+    assert s["train"]["steps"] == 2 and s["train"]["trained_tok_s"] > 0
+    assert s["merge"]["max_abs_diff"] <= s["merge"]["tolerance"] == 1e-3
+    assert {k: v["of"] for k, v in s["answers_with_every_keyword"].items()} == {
+        "trained": 1, "held-out": 1, "general": 1}
+    written = {k: Path(v) for k, v in s["written"].items()}
+    for name, path in written.items():
+        assert path.exists(), name
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tutor_adapter.json"):
+        assert (written["adapter"] / name).is_file(), name
+    assert (written["merged"] / "model.safetensors").is_file()
+    assert written["loss curve"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(written["summary"].read_text()) == s
+    text = written["transcript"].read_text()
+    for q in ("Who are you?", "Who built you?", "What is the capital of France?"):
+        assert text.count(f". {q}\n") == 1, q
+    assert text.count("**before**") == text.count("**after**") == 4
+    printed = capsys.readouterr().out
+    assert "=== summary ===" in printed and all(f"{stage} " in printed for stage in STAGES)
+    assert not list(out.glob("**/.*.tmp")) and not list(out.glob(".summary.json.*"))
+
+
+def test_out_is_replaced_only_when_a_demo_wrote_it(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(TutorError, match="not a previous demo's output"):
+        prepare_out(foreign)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TutorError):
+        prepare_out(tmp_path / "file")
+    ours = prepare_out(tmp_path / "demo")
+    (ours / "run").mkdir()
+    prepare_out(ours)
+    assert sorted(p.name for p in ours.iterdir()) == [MARKER]
+
+
+def test_questions_and_scoring(tmp_path):
+    questions = load_questions()
+    kinds = [q.kind for q in questions]
+    assert kinds.count("held-out") == 11 and kinds[0] == "trained" and kinds[-1] == "general"
+    assert all(q.expected for q in questions if q.kind == "held-out")
+    q = Question("Who?", "held-out", ["Pico", "Tutor Lab"], {"before": "I am SmolLM.",
+                                                            "after": "I'm pico, by the tutor lab."})
+    assert not q.hit("before") and q.hit("after")  # case-insensitive, every keyword
+    unscored = Question("Tip?", "general", [], {"before": "a", "after": "b"})
+    assert score([q, unscored]) == {"held-out": {"before": 0, "after": 1, "of": 1}}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "a", "expected": ["x"]}\n{"question": "b"}\n')
+    with pytest.raises(TutorError, match=r"bad.jsonl:2: need JSON with 'question'"):
+        load_questions(bad)
+
+
+def test_cli_refuses_bits_without_quick(tmp_path, capsys):
+    from tutor.cli import main
+
+    assert main(["demo", "--bits", "4", "--out", str(tmp_path / "d")]) == 2
+    assert "--bits only applies with --quick" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
