@@ -50,7 +50,6 @@ def test_multi_node_torchrun_names_node_and_master():
 
 
 def test_deepspeed_launcher_command_and_hostfile_parse_as_deepspeed_reads_them():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.launcher.runner import _parse_hostfile, parse_args
 
     cmd = deepspeed_command(RECIPE, hostfile="hosts", deepspeed="zero2")

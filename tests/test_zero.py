@@ -17,7 +17,8 @@ from tutor.errors import TutorError
 from tutor.memory import GIB, KNOWN, Setup, arch_from_config, estimate
 from tutor.zero import Zero, estimate_zero, format_zero_table, largest_layer, plot_zero
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported (no GPU here)
+if not torch.cuda.is_available():  # before deepspeed is imported: do not probe for a GPU
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 ds12 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
 ds3 = pytest.importorskip("deepspeed.runtime.zero.stage3")
 
