@@ -25,18 +25,9 @@ def bundled_tokenizer():
 
 def tiny_base(path: Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
     """A random 2-layer Llama with the bundled tokenizer (ChatML), saved to `path`."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tutor.launch import tiny_llama
 
-    torch.manual_seed(seed)
-    tok = bundled_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=2, tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return tiny_llama(path, hidden, layers, seed)
 
 
 def train_checkpoint(base: str | Path, output: Path, steps: int = 2, lr: float = 1e-2,

@@ -196,11 +196,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     result = train(args.config, args.set, resume=args.resume, deepspeed=args.deepspeed)
     m, rank = result.metrics, os.environ.get("RANK", "0")
-    print(
-        f"rank {rank} done: {result.global_step} steps in {m.get('train_runtime', 0):.0f} s, "
-        f"{m['trained_tok_s']:.0f} trained tok/s ({m['all_tok_s']:.0f} all), "
-        f"final loss {m.get('train_loss', float('nan')):.4f}; "
-        f"adapter and config in {result.output_dir}"
+    world = os.environ.get("WORLD_SIZE", "1")
+    print(  # tutor.launch reads this line from every rank
+        f"rank {rank}/{world} done: {result.global_step} steps in "
+        f"{m.get('train_runtime', 0):.0f} s, {m['trained_tok_s']:.0f} trained tok/s "
+        f"({m['all_tok_s']:.0f} all), mean loss {m.get('train_loss', float('nan')):.4f}, "
+        f"optimizer holds {m['optimizer_bytes']} B; output in {result.output_dir}"
     )
     return 0
 

@@ -1,11 +1,14 @@
 """Measuring the memory of a real training step, to check tutor.memory's arithmetic.
 
-Two numbers, both counted on torch's own tensors (per distinct storage):
+Numbers counted on torch's own tensors (per distinct storage):
 
 - `tensor_bytes`: what the model and optimizer hold, split like the estimate (weights incl.
   NF4 quantisation state, trainable adapters, gradients, optimizer state);
 - `measure_step`: the peak of live tensor bytes over one forward + backward + optimizer step,
-  followed op by op with a dispatch mode that sees every tensor torch creates and frees.
+  followed op by op with a dispatch mode (`peak_tracker`) that sees every tensor torch
+  creates and frees;
+- `optimizer_held_bytes`: what an optimizer holds on this process, incl. DeepSpeed ZeRO's
+  fp32 master partition (checks tutor.zero's per-rank shard).
 
 Why not tracemalloc or RSS: tracemalloc does not see torch's allocations at all, and RSS adds
 the allocator's caches, the Python heap and shared libraries, and keeps the high-water mark of
@@ -16,7 +19,7 @@ outside torch (e.g. by a C library directly), and the CUDA context on a GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -74,8 +77,30 @@ def tensor_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     }
 
 
-def _peak_tracker() -> object:
-    """A dispatch mode that adds up bytes of storages created while active (and freed again)."""
+def optimizer_held_bytes(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> int:
+    """Bytes an optimizer holds beyond the model, on this process.
+
+    Its state tensors (Adam's moments) plus the parameters it updates that are not the
+    model's own: DeepSpeed ZeRO's fp32 master partitions. For a plain torch optimizer that is
+    just the state; under ZeRO-1/2/3 it is this rank's share (tests/test_train.py checks that
+    two ranks of ZeRO-2 each hold half).
+    """
+    import torch
+
+    own = {id(p) for p in model.parameters()}
+    tensors = [v for s in optimizer.state.values() for v in s.values()
+               if isinstance(v, torch.Tensor)]
+    tensors += [p for g in optimizer.param_groups for p in g["params"] if id(p) not in own]
+    storages = {_storage_key(t): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def peak_tracker() -> Any:
+    """A dispatch mode that adds up bytes of storages created while active (and freed again).
+
+    ``with (t := peak_tracker()): ...`` then ``t.peak`` is the most bytes of tensors created
+    inside the block and alive at the same moment (tensors made before it are not counted).
+    """
     import weakref
 
     import torch
@@ -129,7 +154,7 @@ def measure_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     """
     optimizer.zero_grad(set_to_none=True)
     persistent = tensor_bytes(model, optimizer)
-    tracker = _peak_tracker()
+    tracker = peak_tracker()
     with tracker:
         model(**batch).loss.backward()
         persistent["gradients"] = tensor_bytes(model)["gradients"]

@@ -271,6 +271,7 @@ def train(
     from transformers import Trainer, set_seed
 
     from tutor.callbacks import EvaluateChatCallback, MetricsCallback, ThroughputCallback
+    from tutor.measure import optimizer_held_bytes
 
     set_seed(cfg.train.seed)
     resume_from = last_checkpoint(cfg.output_dir) if resume else None
@@ -298,9 +299,11 @@ def train(
     trainer.save_model(cfg.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(cfg.output_dir)
+    held = {"optimizer_bytes": optimizer_held_bytes(trainer.optimizer, model)}  # this rank's
     return TrainResult(
-        Path(cfg.output_dir), trainer.state.global_step, {**output.metrics, **throughput.summary()},
-        trainer.state.log_history, chat.answers, reports,
+        Path(cfg.output_dir), trainer.state.global_step,
+        {**output.metrics, **throughput.summary(), **held}, trainer.state.log_history,
+        chat.answers, reports,
     )
 
 

@@ -1,0 +1,231 @@
+"""Launching `tutor train` on several processes: a local ZeRO run, and the commands for many GPUs.
+
+torchrun (``python -m torch.distributed.run``) starts `nproc` processes per node and gives each
+RANK, LOCAL_RANK and WORLD_SIZE; every process runs the same ``tutor train`` and
+``transformers.Trainer`` hands the model to DeepSpeed, which shards as its JSON says
+(tutor/configs/deepspeed/). On CPUs the ranks talk over gloo/shared memory, on GPUs over NCCL::
+
+    one node, 8 GPUs    torchrun --standalone --nproc_per_node 8 -m tutor train RECIPE
+    node k of 2         torchrun --nnodes 2 --node_rank k --master_addr HOST0 --master_port 29500
+                                 --nproc_per_node 8 -m tutor train RECIPE   (run on every node)
+    DeepSpeed launcher  deepspeed --hostfile hostfile --no_local_rank --module tutor train RECIPE
+                        (one command on the first node; it starts the others over ssh/pdsh)
+
+`run_local` runs the first form here as a subprocess and reports what every rank printed
+(``rank R/W done: ...`` from tutor.cli) and the loss curve rank 0 wrote. `tiny_llama` makes
+a random two-layer Llama with the bundled tokenizer: the smallest real model that exercises the
+distributed machinery in seconds (it learns nothing useful).
+
+Not handled: SLURM/MPI launchers, elastic restarts, checking that the hosts can reach each
+other; the multi-node commands are built here but cannot be run on a single machine.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tutor.errors import TutorError
+
+DONE = re.compile(r"rank (\d+)/(\d+) done: (\d+) steps in .*mean loss ([^,]+), "
+                  r"optimizer holds (\d+) B")
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # what child processes must import
+
+
+def _tail(deepspeed: str | None, overrides: Sequence[str]) -> list[str]:
+    ds = ["--deepspeed", deepspeed] if deepspeed else []
+    return [*ds, *(a for kv in overrides for a in ("--set", kv))]
+
+
+def torchrun_command(config: str | os.PathLike[str], *, nproc: int = 2, nnodes: int = 1,
+                     node_rank: int = 0, master_addr: str | None = None,
+                     master_port: int = 29500, deepspeed: str | None = None,
+                     overrides: Sequence[str] = (), python: str | None = None) -> list[str]:
+    """The torchrun command line for `tutor train config` (argv list; `shlex.join` to print).
+
+    One node without `master_addr` uses ``--standalone`` (a free local port, so concurrent
+    runs do not collide). Several nodes need `master_addr`, reachable from all of them; run
+    the same command on every node with its own `node_rank`. `python` runs torchrun as
+    ``python -m torch.distributed.run`` (the interpreter of this environment).
+    """
+    if nproc < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise TutorError(f"need nproc >= 1, nnodes >= 1 and 0 <= node_rank < nnodes "
+                         f"(got {nproc}, {nnodes}, {node_rank})")
+    if nnodes > 1 and not master_addr:
+        raise TutorError("several nodes need master_addr: the address of node 0, "
+                         "reachable from every node")
+    launcher = [python, "-m", "torch.distributed.run"] if python else ["torchrun"]
+    if master_addr:
+        where = ["--nnodes", str(nnodes), "--node_rank", str(node_rank),
+                 "--master_addr", master_addr, "--master_port", str(master_port)]
+    else:
+        where = ["--standalone"]
+    return [*launcher, *where, "--nproc_per_node", str(nproc), "-m", "tutor", "train",
+            str(config), *_tail(deepspeed, overrides)]
+
+
+def deepspeed_command(config: str | os.PathLike[str], *, hostfile: str = "hostfile",
+                      deepspeed: str | None = None, overrides: Sequence[str] = ()) -> list[str]:
+    """DeepSpeed's own launcher for `tutor train config` on the hosts of `hostfile`.
+
+    ``--no_local_rank``: the launcher would otherwise append ``--local_rank=N``, which
+    ``tutor train`` does not take (Trainer reads LOCAL_RANK from the environment instead).
+    """
+    return ["deepspeed", "--hostfile", hostfile, "--no_local_rank", "--module", "tutor",
+            "train", str(config), *_tail(deepspeed, overrides)]
+
+
+def hostfile_text(slots: Mapping[str, int]) -> str:
+    """A DeepSpeed hostfile: one ``host slots=N`` line per node (N GPUs on it)."""
+    if not slots or any(n < 1 for n in slots.values()):
+        raise TutorError("a hostfile needs at least one host, each with slots >= 1")
+    return "".join(f"{host} slots={n}\n" for host, n in slots.items())
+
+
+@dataclass(frozen=True)
+class RankReport:
+    """What one rank printed when it finished (tutor.cli's ``rank R/W done`` line)."""
+
+    rank: int
+    world: int
+    steps: int
+    mean_loss: float  # Trainer's train_loss: the mean over all steps of the run
+    optimizer_bytes: int  # what this rank's optimizer holds (its ZeRO shard)
+
+
+@dataclass
+class LaunchResult:
+    command: list[str]
+    pid: int  # the launcher's, also its process group's id
+    returncode: int  # -9 when killed after `timeout`
+    wall_s: float
+    ranks: dict[int, RankReport]
+    losses: list[float]  # per logged step, from rank 0's metrics.jsonl
+    log: list[str] = field(repr=False)  # every line the ranks printed, stdout and stderr
+
+
+def condense(line: str) -> str | None:
+    """The lines of a training log worth showing: settings, losses, results, errors."""
+    if line.startswith("{'loss'"):
+        loss = re.search(r"'loss': '([^']+)'", line)
+        norm = re.search(r"'grad_norm': '([^']+)'", line)
+        return f"loss {loss[1] if loss else '?'}" + (f"  grad norm {norm[1]}" if norm else "")
+    keep = ("tutor.train: attention", "done:", "Traceback", "Error", "error:")
+    return line if any(k in line for k in keep) else None
+
+
+def run_local(config: str | os.PathLike[str], *, nproc: int = 2, deepspeed: str | None = "zero2",
+              overrides: Sequence[str] = (), timeout: float = 600,
+              echo: Callable[[str], None] | None = print) -> LaunchResult:
+    """Run ``torchrun --standalone --nproc_per_node nproc -m tutor train config`` here.
+
+    Streams `condense`d lines to `echo` while it runs; after `timeout` seconds the whole
+    process group is killed. The recipe is validated first (a bad key fails here, not in
+    `nproc` processes). Losses are read from the lines rank 0 appended to metrics.jsonl.
+    """
+    from tutor.train_config import load_config
+
+    out = Path(load_config(config, list(overrides)).output_dir)
+    metrics = out / "metrics.jsonl"
+    start_at = metrics.stat().st_size if metrics.is_file() else 0
+    cmd = torchrun_command(config, nproc=nproc, deepspeed=deepspeed, overrides=overrides,
+                           python=sys.executable)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1, start_new_session=True)
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_pump, args=(proc, lines), daemon=True).start()
+    log: list[str] = []
+    returncode = None
+    while returncode is None:
+        left = timeout - (time.perf_counter() - start)
+        try:
+            if left <= 0:
+                raise queue.Empty
+            line = lines.get(timeout=left)
+        except queue.Empty:  # out of time
+            returncode = _kill(proc, timeout, echo)
+            break
+        if line is None:  # the pipe closed: the launcher is exiting
+            try:
+                returncode = proc.wait(timeout=max(left, 1))
+            except subprocess.TimeoutExpired:
+                returncode = _kill(proc, timeout, echo)
+            break
+        log.append(line)
+        shown = condense(line)
+        if echo and shown:
+            echo(shown)
+    wall = time.perf_counter() - start
+    ranks = {r.rank: r for r in map(_rank_report, log) if r is not None}
+    return LaunchResult(cmd, proc.pid, returncode, wall, ranks, _losses(metrics, start_at), log)
+
+
+def _kill(proc: subprocess.Popen, timeout: float, echo: Callable[[str], None] | None) -> int:
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started
+    proc.wait()
+    if echo:
+        echo(f"killed after {timeout:.0f} s")
+    return -9
+
+
+def _pump(proc: subprocess.Popen, lines: queue.Queue) -> None:
+    for line in proc.stdout:
+        lines.put(line.rstrip("\n"))
+    lines.put(None)
+
+
+def _rank_report(line: str) -> RankReport | None:
+    m = DONE.search(line)
+    if m is None:
+        return None
+    return RankReport(int(m[1]), int(m[2]), int(m[3]), float(m[4]), int(m[5]))
+
+
+def _losses(metrics: Path, offset: int) -> list[float]:
+    import json
+
+    if not metrics.is_file():
+        return []
+    with metrics.open(encoding="utf-8") as f:
+        f.seek(offset)
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [row["loss"] for row in rows if "loss" in row]
+
+
+def tiny_llama(path: str | os.PathLike[str], hidden: int = 64, layers: int = 2,
+               seed: int = 0) -> Path:
+    """A random Llama (`layers` blocks of width `hidden`, tied embeddings) with the bundled
+    tokenizer (ChatML), saved to `path` as an ordinary Hugging Face checkpoint."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging
+
+    from tutor.models import ensure_bundled
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(ensure_bundled())
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=2, tie_word_embeddings=True)
+    bar = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # "Writing model shards" for one small file is noise
+    try:
+        LlamaForCausalLM(config).save_pretrained(path)
+    finally:
+        if bar:
+            logging.enable_progress_bar()
+    tok.save_pretrained(path)
+    return Path(path)
