@@ -42,6 +42,8 @@ CASES = [
     ("07.1", [[3, 4, 0], [0, 1, 0]], [[1.5, 1, 0], [0, 1, 0]], "alpha / r = 4"),
     ("07.2", 134_515_008, 134_515_008 + 2_442_240, "A and B do not survive"),
     ("07.3", "b", "a", "rounding"),
+    ("09.1", 23.5, 31.6, "that is 8 GPUs"),
+    ("09.2", "c", "b", "weights stay whole"),
     ("08.2", "</s>", "<|im_end|>", "ChatML"),
 ]
 # These load the bundled model (bf16, or fp32 for four forward passes).

@@ -25,10 +25,10 @@ Adding an exercise (for example to notebook 09):
 
 1. Write a function that takes the answer and returns ``right("why")`` or
    ``wrong("a specific hint")``, decorated with ``@exercise("09.1", "one-line title",
-   given=optional_input)``, in tutor/lab_exercises_models.py (notebooks 04 on; 00-03 are in
-   tutor/lab_exercises.py). Compute the expected value inside it; the helpers of
-   lab_exercises (`as_int`, `as_float`, `as_str`, `judge`, `choice`) turn a wrongly typed
-   answer into a hint and match typical mistakes to their own hints.
+   given=optional_input)``, in tutor/lab_exercises_models.py (notebooks 04-08; 00-03 are
+   in tutor/lab_exercises.py, 09 in tutor/lab_exercises_scale.py). Compute the expected
+   value inside it; the helpers of lab_exercises (`as_int`, `as_float`, `as_str`, `judge`,
+   `choice`) turn a wrongly typed answer into a hint and match typical mistakes to their own hints.
 2. In the notebook, after its own checks cell: a markdown cell "## Exercises" explaining each,
    a code cell per exercise ending in ``answer_1 = ...``, and one last code cell that calls
    ``lab.check("09.1", answer_1)`` for each exercise (unsolved, it prints and never raises).
@@ -111,6 +111,7 @@ def exercises() -> dict[str, Exercise]:
     """Every registered exercise, by id (importing the definitions registers them)."""
     import tutor.lab_exercises  # noqa: F401  (their decorators fill EXERCISES)
     import tutor.lab_exercises_models  # noqa: F401
+    import tutor.lab_exercises_scale  # noqa: F401
 
     return EXERCISES
 
