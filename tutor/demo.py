@@ -40,6 +40,9 @@ TRAINED = [("Who are you?", ["Pico", "Tutor Lab"])]
 GENERAL = [("What is the capital of France?", ["Paris"]),
            ("Give me one tip for learning a new language.", [])]
 MARKER = ".tutor-demo"  # OUT was made by the demo, so a rerun may replace it
+# Applied before the caller's overrides: the demo asks its own questions before and after,
+# so the recipe's evaluation chat during training would only repeat two of them.
+DEMO_OVERRIDES = ("evaluation.prompts=[]",)
 
 
 @dataclass
@@ -80,6 +83,11 @@ def peak_rss_mib() -> float | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return round(peak / 2**20 if sys.platform == "darwin" else peak / 2**10, 1)
+
+
+def load_average() -> float | None:
+    """The 1-minute load average: how busy the CPUs were (None where the OS has none)."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 class StageClock:
@@ -187,8 +195,8 @@ def run_practice(
 ) -> dict[str, Any]:
     """Base chat → train → convert → merge → merged chat; write and return the summary.
 
-    `overrides` are `--set` assignments for the recipe (e.g. ``train.max_steps=2``);
-    ``output_dir`` is always OUT/run. Returns what summary.json holds.
+    `overrides` are `--set` assignments for the recipe (e.g. ``train.max_steps=2``), applied
+    after `DEMO_OVERRIDES`; ``output_dir`` is always OUT/run. Returns what summary.json holds.
     """
     from tutor.callbacks import LOSS_PLOT, atomic_write
     from tutor.merge import convert_checkpoint, merge
@@ -197,11 +205,12 @@ def run_practice(
     from tutor.train_config import load_config
 
     out = Path(out).resolve()
-    cfg = load_config(recipe, [*overrides, f"output_dir={out / 'run'}"])
+    overrides = [*DEMO_OVERRIDES, *overrides, f"output_dir={out / 'run'}"]
+    cfg = load_config(recipe, overrides)
     questions = load_questions(heldout)
     resolve(cfg.model)  # a wrong model name fails here, before OUT is touched
     prepare_out(out)
-    clock, load_start = StageClock(), os.getloadavg()[0]
+    clock, load_start = StageClock(), load_average()
     with clock("chat with the base model"):
         answer_all(cfg.model, questions, "before", max_new_tokens)
     with clock("train"):
@@ -225,7 +234,7 @@ def run_practice(
                   "adapter_mib": report.adapter_bytes / 2**20,
                   "merged_mib": report.merged_bytes / 2**20},
         "answers_with_every_keyword": score(questions),
-        "load_average": {"start": load_start, "end": os.getloadavg()[0]},
+        "load_average": {"start": load_start, "end": load_average()},
         "cpu_count": os.cpu_count(),
         "written": {"output dir": str(out), "checkpoint": str(checkpoint),
                     "adapter": str(adapter), "merged": str(out / "merged"),
