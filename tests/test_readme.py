@@ -147,6 +147,8 @@ def check_tutor(args: list[str], world: World) -> None:
         from tutor.memory import get_arch
 
         get_arch(ns.model)
+    elif cmd == "lab" and ns.lab_command == "check":
+        need(world.path_ok(ns.notebook), f"no notebook {ns.notebook}")
 
 
 def makefile() -> tuple[set[str], set[str]]:
