@@ -177,12 +177,15 @@ def test_notebooks_and_solutions_check_every_exercise():
 
 
 def _unsolved_copy(solution: Path, dest: Path) -> Path:
-    """The solution notebook with every `answer_k = ...` line unsolved and no asserts."""
+    """The solution notebook as a student starts it: solved cells keep their imports and
+    `answer_k = ...`, and the last cell checks without asserting."""
     nb = nbformat.read(solution, as_version=4)
     for cell in nb.cells:
-        if cell.cell_type == "code":
-            cell.source = re.sub(r"(?m)^(answer_\d+) = .*$", r"\1 = ...", cell.source)
-            cell.source = cell.source.replace("assert lab.check", "lab.check")
+        names = re.findall(r"(?m)^(answer_\d+) = ", cell.source) if cell.cell_type == "code" else []
+        if names:
+            imports = [ln for ln in cell.source.splitlines() if ln.startswith(("from ", "import "))]
+            cell.source = "\n".join(imports + [f"{name} = ..." for name in names])
+        cell.source = cell.source.replace("assert lab.check", "lab.check")
     path = dest / solution.name
     nbformat.write(nb, path)
     return path

@@ -216,7 +216,9 @@ def _failed_cell(nb: Any, index: int | None, what: str) -> str:
     if index is None:
         return f"the kernel {what}"
     lines = [ln for ln in nb.cells[index].source.splitlines() if ln.strip()]
-    first = (lines[0][:60] + " …") if lines else ""
+    first = lines[0][:60] if lines else ""
+    if len(lines) > 1 or (lines and len(lines[0]) > 60):
+        first += " …"  # the cell goes on
     return f"cell {index + 1} (`{first}`) {what}"
 
 

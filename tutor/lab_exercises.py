@@ -73,7 +73,7 @@ def choice(answer: Any, correct: str, why: str, hints: dict[str, str]) -> Verdic
 
 
 @functools.cache
-def _tokenizer() -> Any:
+def bundled_tokenizer() -> Any:
     """The bundled model's tokenizer (no weights), loaded once per process."""
     from transformers import AutoTokenizer
 
@@ -184,9 +184,9 @@ PRETRAIN_TEXT = "LoRA trains two thin matrices and leaves the base frozen."
 def _trained_two_turns(answer: Any) -> Verdict:
     from tutor.data import encode
 
-    sample = encode(TWO_TURNS, _tokenizer())
+    sample = encode(TWO_TURNS, bundled_tokenizer())
     n, total = _trained(sample["labels"]), len(sample["input_ids"])
-    last = _trained(encode(TWO_TURNS, _tokenizer(), train_on="last")["labels"])
+    last = _trained(encode(TWO_TURNS, bundled_tokenizer(), train_on="last")["labels"])
     return judge(as_int(answer), n,
                  why=f"both answers and their <|im_end|> tokens: {n} of {total} tokens",
                  hint="encode the conversation and count the labels that are not -100",
@@ -203,7 +203,7 @@ def _trained_two_turns(answer: Any) -> Verdict:
 def _trained_pretraining(answer: Any) -> Verdict:
     from tutor.data import encode
 
-    sample = encode([{"role": "assistant", "content": PRETRAIN_TEXT}], _tokenizer())
+    sample = encode([{"role": "assistant", "content": PRETRAIN_TEXT}], bundled_tokenizer())
     n = _trained(sample["labels"])
     return judge(as_int(answer), n, why=f"every text token plus the closing EOS: {n}",
                  hint="a pretraining sample is [{'role': 'assistant', 'content': text}]; "
@@ -264,7 +264,7 @@ def _check_lines(lines: list[str]) -> Any:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "mystery.jsonl"
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        return check_file(path, _tokenizer())
+        return check_file(path, bundled_tokenizer())
 
 
 @exercise("03.2", "find the broken line with tutor data check", given=MYSTERY_LINES)
@@ -288,7 +288,7 @@ def _own_csv(answer: Any) -> Verdict:
     path = Path(answer) if isinstance(answer, (str, Path)) else None
     if path is None or not path.is_file():
         raise Hint("give the path of the .jsonl file that tutor data convert wrote")
-    report = check_file(path, _tokenizer())
+    report = check_file(path, bundled_tokenizer())
     if report.format != "openai":
         return wrong(f"this file is in the '{report.format}' format: give the .jsonl that "
                      "`tutor data convert` wrote (openai messages), not the CSV")

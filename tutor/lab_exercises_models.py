@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 from tutor.lab import Hint, Verdict, exercise, right, wrong
-from tutor.lab_exercises import _tokenizer, as_float, as_int, as_str, choice, judge
+from tutor.lab_exercises import as_float, as_int, as_str, bundled_tokenizer, choice, judge
 
 # ── 04 LoRA and QLoRA math ────────────────────────────────────────────────────────────
 
@@ -173,7 +173,7 @@ def _recipe_steps(answer: Any) -> Verdict:
     from tutor.train_config import load_config
 
     cfg = load_config(RECIPE)
-    dataset, _, reports = build_dataset(cfg, _tokenizer())
+    dataset, _, reports = build_dataset(cfg, bundled_tokenizer())
     packs, samples, t = len(dataset), sum(r.kept for r in reports), cfg.train
     # transformers.Trainer: ceil(batches / grad_accum) steps per epoch, ceil(epochs × that)
     per_epoch = math.ceil(math.ceil(packs / t.batch_size) / t.grad_accum)
@@ -276,7 +276,7 @@ def _answer_loss(template: str, question: str, reference: str) -> float:
 
     from tutor.templates import get_template
 
-    tok = _tokenizer()
+    tok = bundled_tokenizer()
     prompt = get_template(template, tokenizer=tok).render(
         [{"role": "user", "content": question}], add_generation_prompt=True)
     prompt_ids = tok.encode(prompt, add_special_tokens=False)
