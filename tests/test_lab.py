@@ -38,7 +38,7 @@ CASES = [
     ("05.1", 1010 / 1024, 1010 / 1536, "greedy"),
     ("05.2", 5 * 6 // 2 + 1 + 3 * 4 // 2, 45, "plain causal mask"),
     ("05.3", "b", "a", "shift by one"),
-    ("06.2", 21 * 3, 21, "one epoch"),
+    ("06.2", 26 * 3, 26, "one epoch"),  # 136 identity + 50 replayed geography samples
     ("07.1", [[3, 4, 0], [0, 1, 0]], [[1.5, 1, 0], [0, 1, 0]], "alpha / r = 4"),
     ("07.2", 134_515_008, 134_515_008 + 2_442_240, "A and B do not survive"),
     ("07.3", "b", "a", "rounding"),
