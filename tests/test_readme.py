@@ -148,7 +148,9 @@ def check_tutor(args: list[str], world: World) -> None:
 
         get_arch(ns.model)
     elif cmd == "lab" and ns.lab_command == "check":
-        need(world.path_ok(ns.notebook), f"no notebook {ns.notebook}")
+        # the course's notebooks are in the repository, not in the run blocks' temp dir
+        need(world.path_ok(ns.notebook) or (ROOT / ns.notebook).is_file(),
+             f"no notebook {ns.notebook}")
 
 
 def makefile() -> tuple[set[str], set[str]]:
