@@ -25,10 +25,11 @@ Adding an exercise (for example to notebook 09):
 
 1. Write a function that takes the answer and returns ``right("why")`` or
    ``wrong("a specific hint")``, decorated with ``@exercise("09.1", "one-line title",
-   given=optional_input)``, in tutor/lab_exercises_models.py (notebooks 04 on; 00-03 are in
-   tutor/lab_exercises.py). Compute the expected value inside it; the helpers of
-   lab_exercises (`as_int`, `as_float`, `as_str`, `judge`, `choice`) turn a wrongly typed
-   answer into a hint and match typical mistakes to their own hints.
+   given=optional_input)``. Notebooks 00-03 keep theirs in tutor/lab_exercises.py, 04-08 in
+   tutor/lab_exercises_models.py (both near 300 lines: for 09 start tutor/lab_exercises_scale.py
+   and import it in `exercises()` below). Compute the expected value inside the function; the
+   helpers of lab_exercises (`as_int`, `as_float`, `as_str`, `judge`, `choice`) turn a wrongly
+   typed answer into a hint and match typical mistakes to their own hints.
 2. In the notebook, after its own checks cell: a markdown cell "## Exercises" explaining each,
    a code cell per exercise ending in ``answer_1 = ...``, and one last code cell that calls
    ``lab.check("09.1", answer_1)`` for each exercise (unsolved, it prints and never raises).
