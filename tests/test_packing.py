@@ -217,6 +217,9 @@ def test_collate_rejects_bad_input():
 def tiny_llama(impl: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from tutor.attention import register
+
+    register()  # "sdpa_varlen" is tutor's; the others are transformers' own
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -248,16 +251,19 @@ def check_packed_equals_unpacked(model, samples, packs, collate_fn, loss_tol, lo
     batch = collate_fn(packs)
     out = model(**batch)
     assert abs(out.loss.item() - weighted.item()) < loss_tol
+    flat = len(packs) > 1 and batch["input_ids"].shape[0] == 1  # varlen: packs in one row
+    off = 0
     for r, p in enumerate(packs):
-        off = 0
+        off = off if flat else 0
         for i, n in zip(p["indices"], seq_lens(p), strict=True):
-            diff = (out.logits[r, off : off + n] - alone[i].logits[0]).abs().max().item()
+            got = out.logits[0 if flat else r, off : off + n]
+            diff = (got - alone[i].logits[0]).abs().max().item()
             assert diff < logit_tol, f"sample {i} in pack {r}: logits differ by {diff}"
             off += n
     return batch, out
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "sdpa_varlen"])
 @torch.no_grad()
 def test_tiny_llama_packed_equals_unpacked(impl):
     model = tiny_llama(impl)
@@ -267,6 +273,8 @@ def test_tiny_llama_packed_equals_unpacked(impl):
     batch, out = check_packed_equals_unpacked(
         model, samples, packs[:3], collator_for(model), 1e-4, 1e-3
     )
+    if impl == "sdpa_varlen":  # the flash layout: one row, no mask; the spans isolate
+        assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
     if impl == "sdpa":  # SDPA takes the additive float form too, with the same result
         float_mask = collate(packs[:3], "eager")["attention_mask"]
         out_float = model(**(batch | {"attention_mask": float_mask}))

@@ -9,10 +9,16 @@ Packed samples must not see each other (tutor.packing). Each backend is told so 
     flash_attention_2  no mask at all: one flattened row whose restarted position_ids become
                        cu_seqlens = [0, n1, n1+n2, ...] (int32, one per sample + 1), and the
                        varlen kernel attends only inside each [cu[i], cu[i+1]) span
+    sdpa_varlen        tutor's CPU varlen path (`register`): the flash layout (one flattened
+                       row, no mask), and SDPA runs causal on each sample's span alone. No
+                       L×L mask, and none of the cross-sample blocks a mask would only
+                       zero out are computed: Σ nᵢ² instead of L² work per head
 
 `attention_cost` measures one real transformers attention layer (the bundled model's shape by
 default) on this machine: forward + backward, the peak of live tensor bytes (tutor.measure's
 op-by-op tracker) and wall time. flash-attn needs a CUDA GPU, so it is not measured here.
+`sdpa_varlen` is what `tutor train` picks on machines without flash-attn (training only gains:
+generation, with its KV cache, falls back to plain SDPA).
 
 Not handled: kernels' private workspaces (not tensors, so not counted), KV caches, the
 backends' numerical differences, flex attention.
@@ -28,11 +34,75 @@ from typing import TYPE_CHECKING, Any
 from tutor.errors import TutorError
 
 if TYPE_CHECKING:
+    import torch
     from matplotlib.figure import Figure
 
 # case -> (attn_implementation, whether it gets collate's block mask for packed samples)
 CASES = {"eager + block mask": ("eager", True), "sdpa + block mask": ("sdpa", True),
+         "sdpa_varlen (tutor)": ("sdpa_varlen", False),
          "sdpa, causal only": ("sdpa", False)}  # causal only: one sample per row, no mask
+SDPA_VARLEN = "sdpa_varlen"
+
+
+def sdpa_varlen_mask(batch_size: int, q_length: int, kv_length: int, *args: Any,
+                     attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+    """transformers' mask hook for `sdpa_varlen`: no mask where the spans say it all.
+
+    Without padding (`attention_mask` None or all ones) and without a cache offset (a full
+    forward, or one decode token) it returns None and `sdpa_varlen_attention` finds the
+    samples in `position_ids`. Anything else (left-padded batches, chunked prefill) gets
+    SDPA's usual 4-D mask, and the attention falls back to plain SDPA with it.
+    """
+    from transformers.masking_utils import sdpa_mask
+
+    no_padding = attention_mask is None or bool(attention_mask.all())
+    if no_padding and q_length in (kv_length, 1):
+        return None
+    return sdpa_mask(batch_size, q_length, kv_length, *args, attention_mask=attention_mask,
+                     **kwargs)
+
+
+def sdpa_varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor,
+                          value: torch.Tensor, attention_mask: torch.Tensor | None,
+                          position_ids: torch.Tensor | None = None, **kwargs: Any
+                          ) -> tuple[torch.Tensor, None]:
+    """Causal SDPA on each packed sample's span alone; plain SDPA otherwise.
+
+    query (B, H, L, D), key/value (B, Hkv, L, D), position_ids (B, L) restarting at 0 where
+    a sample starts (what `tutor.packing.collate` produces). Returns (B, L, H, D), as every
+    transformers attention function does. Equal to SDPA with collate's block mask (within
+    kernel rounding, tests/test_attention.py) but it skips the blocks that mask zeroes out.
+
+    Falls back to transformers' `sdpa_attention_forward` when there is a mask (padding),
+    no position_ids, or a KV cache (query shorter than key: generation). Not handled: a
+    sample that does not start at position 0 (e.g. a pack continuing a truncated sample).
+    """
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    L = query.shape[2]
+    if attention_mask is not None or position_ids is None or key.shape[2] != L:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    rows = []
+    for b in range(query.shape[0]):
+        # .tolist() syncs a GPU; this path is for machines without flash-attn (CPUs)
+        starts = sorted({0, *(position_ids[b] == 0).nonzero().flatten().tolist()})
+        bounds = [*starts, L]
+        spans = [sdpa_attention_forward(module, query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
+                                        value[b:b + 1, :, s:e], None, **kwargs)[0]
+                 for s, e in zip(bounds, bounds[1:], strict=False)]  # each (1, n, H, D)
+        rows.append(torch.cat(spans, dim=1))
+    return torch.cat(rows, dim=0), None
+
+
+def register() -> str:
+    """Make `attn_implementation="sdpa_varlen"` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_attention)
+    AttentionMaskInterface.register(SDPA_VARLEN, sdpa_varlen_mask)
+    return SDPA_VARLEN
 
 
 @dataclass(frozen=True)
@@ -49,8 +119,9 @@ def attention_cost(case: str, seq_len: int, samples: int = 4, config: Any = None
     """Forward + backward of one LlamaAttention layer on a packed row of `seq_len` tokens.
 
     The row holds `samples` equal samples and, for the "+ block mask" cases, gets the mask
-    `tutor.packing.collate` builds for that backend; "sdpa, causal only" is the baseline that
-    one sample per row needs (flash-attn's varlen path needs no mask either).
+    `tutor.packing.collate` builds for that backend; "sdpa_varlen (tutor)" gets the samples'
+    restarted position_ids instead; "sdpa, causal only" is the baseline (the whole row one
+    causal sequence, what one sample per row costs).
     `config` is a LlamaConfig (default: the bundled SmolLM2-135M's, 9 query heads, 3 key/value
     heads of 64). Weights are random: cost does not depend on them. Timed on `threads`
     threads (1 by default: comparable on a busy machine).
@@ -69,6 +140,8 @@ def attention_cost(case: str, seq_len: int, samples: int = 4, config: Any = None
         raise TutorError(f"need 1 <= samples <= seq_len (got {samples}, {seq_len})")
     config = config or LlamaConfig.from_pretrained(ensure_bundled())
     impl, masked = CASES[case]
+    if impl == SDPA_VARLEN:
+        register()
     config._attn_implementation = impl
     lengths = [seq_len // samples + (i < seq_len % samples) for i in range(samples)]
     row = pack([{"input_ids": [7] * n, "labels": [7] * n} for n in lengths], seq_len)
@@ -84,7 +157,7 @@ def attention_cost(case: str, seq_len: int, samples: int = 4, config: Any = None
         tracker = peak_tracker()
         start = time.perf_counter()
         with tracker:
-            out, _ = layer(x, rope, mask)
+            out, _ = layer(x, rope, mask, position_ids=batch["position_ids"])
             out.sum().backward()
         seconds = time.perf_counter() - start
     finally:

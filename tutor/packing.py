@@ -41,11 +41,13 @@ IGNORE_INDEX = -100
 STRATEGIES = ("bfd", "greedy")
 OVERFLOWS = ("truncate", "drop")
 MASK_BACKENDS = ("sdpa", "eager")  # get a 4-D mask
-VARLEN_BACKENDS = ("flash_attention_2", "flash_attention_3")  # get position_ids only
+# get position_ids only; sdpa_varlen is tutor's CPU counterpart of flash-attn's varlen path
+VARLEN_BACKENDS = ("flash_attention_2", "flash_attention_3", "sdpa_varlen")
 
 
 def _is_varlen(attn_implementation: str) -> bool:
-    """Flash-attention backends, also from the kernels hub ("kernels-community/flash-attn2")."""
+    """Backends that take the flattened layout: flash-attention (also from the kernels hub,
+    "kernels-community/flash-attn2") and `tutor.attention`'s sdpa_varlen."""
     return attn_implementation in VARLEN_BACKENDS or "flash-attn" in attn_implementation
 
 
@@ -255,6 +257,8 @@ def collate(
     - ``"flash_attention_2"``/``"_3"``: all packs are flattened into one row ``(1, T)``,
       no mask; transformers derives ``cu_seqlens`` from the restarted ``position_ids``
       (its varlen path needs batch size 1). Unverified here: no GPU on our machines.
+    - ``"sdpa_varlen"`` (`tutor.attention.register`): the same flattened row; SDPA then
+      runs causal on each sample's span.
 
     Two packs with ``seq_lens`` [3, 2] and [4] (``.`` = masked, ``p`` = padding's block)::
 

@@ -106,7 +106,8 @@ class TrainConfig:
     train: OptimSection = field(default_factory=OptimSection)
     save: SaveSection = field(default_factory=SaveSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    attn_implementation: Literal["auto", "sdpa_varlen", "sdpa", "eager",
+                                 "flash_attention_2"] = "auto"
     deepspeed: str | None = None  # zero1|zero2|zero3|zero2_offload|zero3_offload or a JSON path
 
 
