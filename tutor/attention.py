@@ -37,11 +37,11 @@ if TYPE_CHECKING:
     import torch
     from matplotlib.figure import Figure
 
+SDPA_VARLEN = "sdpa_varlen"  # the name `register` gives tutor's backend in transformers
 # case -> (attn_implementation, whether it gets collate's block mask for packed samples)
 CASES = {"eager + block mask": ("eager", True), "sdpa + block mask": ("sdpa", True),
-         "sdpa_varlen (tutor)": ("sdpa_varlen", False),
+         "sdpa_varlen (tutor)": (SDPA_VARLEN, False),
          "sdpa, causal only": ("sdpa", False)}  # causal only: one sample per row, no mask
-SDPA_VARLEN = "sdpa_varlen"
 
 
 def sdpa_varlen_mask(batch_size: int, q_length: int, kv_length: int, *args: Any,

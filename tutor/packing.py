@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from tutor.attention import SDPA_VARLEN
 from tutor.errors import TutorError
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ STRATEGIES = ("bfd", "greedy")
 OVERFLOWS = ("truncate", "drop")
 MASK_BACKENDS = ("sdpa", "eager")  # get a 4-D mask
 # get position_ids only; sdpa_varlen is tutor's CPU counterpart of flash-attn's varlen path
-VARLEN_BACKENDS = ("flash_attention_2", "flash_attention_3", "sdpa_varlen")
+VARLEN_BACKENDS = ("flash_attention_2", "flash_attention_3", SDPA_VARLEN)
 
 
 def _is_varlen(attn_implementation: str) -> bool:

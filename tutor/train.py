@@ -63,13 +63,12 @@ def resolve_attention(choice: str) -> str:
 
     from tutor.attention import SDPA_VARLEN, register
 
-    if choice == SDPA_VARLEN or choice == "auto":
-        register()
-    if choice != "auto":
-        return choice
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return SDPA_VARLEN
+    if choice == "auto":
+        flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+        choice = "flash_attention_2" if flash else SDPA_VARLEN
+    if choice == SDPA_VARLEN:
+        register()  # transformers knows the name only once it is registered
+    return choice
 
 
 def build_model(cfg: TrainConfig, precision: str | None = None) -> tuple[Any, Any]:
