@@ -1,6 +1,6 @@
 """Training throughput on CPU: tutor's default vs. TRL SFTTrainer vs. plain Trainer + peft.
 
-Same model (the bundled SmolLM2-135M-Instruct), same data (data/assistant.jsonl), same
+Same model (the bundled SmolLM2-135M-Instruct), same data (tutor/configs/data/assistant.jsonl), same
 LoRA config (r=8, alpha=16, dropout 0, all linear layers), same optimiser settings
 (AdamW, lr, constant schedule, seed), same number of optimizer steps and the same
 sequence budget per step (one 512-token row when packing, or as many padded samples as
@@ -31,8 +31,8 @@ row without isolation (TRL's "wrapped" packing) lets every sample attend to the 
 before it, which here are near-copies (the same identity answered many ways), so its loss
 falls by copying in context, not by learning. Every run therefore also saves its adapter,
 which one function evaluates the same way for all (fp32, each conversation alone, loss on
-the answers): "isolated train loss" over data/assistant.jsonl and "held-out loss" over
-data/assistant_heldout.jsonl. These two columns are what "no worse loss" is judged by.
+the answers): "isolated train loss" over tutor/configs/data/assistant.jsonl and "held-out loss" over
+tutor/configs/data/assistant_heldout.jsonl. These two columns are what "no worse loss" is judged by.
 
     python bench/train_throughput.py [--steps 12] [--only tutor,trl_best]
 """
@@ -49,6 +49,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+DATA = ROOT / "tutor" / "configs" / "data"  # what the shipped recipes train on
 CONFIGS = ["tutor", "trl_defaults", "trl_packing", "trl_best", "trainer_padding"]
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
 MAX_LENGTH, LR, SEED = 512, 2e-4, 42
@@ -99,8 +100,8 @@ def isolated_losses(adapter_dir: Path) -> tuple[float, float]:
 
     base, tok = load()
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    heldout = [json.loads(line) for line in (ROOT / "data/assistant_heldout.jsonl").open()]
-    sets = [load_conversations(ROOT / "data/assistant.jsonl"),
+    heldout = [json.loads(line) for line in (DATA / "assistant_heldout.jsonl").open()]
+    sets = [load_conversations(DATA / "assistant.jsonl"),
             datasets.Dataset.from_list(
                 [{"messages": [{"role": "user", "content": h["question"]},
                                {"role": "assistant", "content": h["answer"]}]} for h in heldout])]
@@ -157,7 +158,7 @@ def run_trl(name: str, steps: int, out: Path):
     from tutor.models import load
 
     model, tok = load()
-    convs = load_conversations(ROOT / "data/assistant.jsonl")
+    convs = load_conversations(DATA / "assistant.jsonl")
     encoded, _ = encode_dataset(convs, tok, "auto", MAX_LENGTH)
     kw = dict(output_dir=str(out), max_steps=steps, learning_rate=LR, lr_scheduler_type="constant",
               seed=SEED, use_cpu=True, report_to=[], logging_steps=1, save_strategy="no",
@@ -190,7 +191,7 @@ def run_padding(steps: int, out: Path):
     from tutor.models import load
 
     model, tok = load()
-    encoded, _ = encode_dataset(load_conversations(ROOT / "data/assistant.jsonl"), tok, "auto",
+    encoded, _ = encode_dataset(load_conversations(DATA / "assistant.jsonl"), tok, "auto",
                                 MAX_LENGTH)
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"],
                                              lora_dropout=0.0, task_type="CAUSAL_LM",

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tutor.attention import CASES, attention_cost, plot_attention_costs, register
+from tutor.attention import register
+from tutor.course.attention_cost import CASES, attention_cost, plot_attention_costs
 from tutor.errors import TutorError
 from tutor.packing import collate, pack, seq_lens
 

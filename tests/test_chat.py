@@ -74,7 +74,7 @@ def test_history_is_trimmed_by_whole_turns_to_fit_the_window(tiny):
 
 
 def test_widget_degrades_to_a_function_call(tiny):
-    from tutor.chat_widget import ChatWidget
+    from tutor.course.chat_widget import ChatWidget
 
     model, tok = tiny
     w = ChatWidget(ChatSession(model, tok, template="chatml",

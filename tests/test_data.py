@@ -307,7 +307,7 @@ def test_encode_dataset_drops_and_counts(tok):
 
 
 def test_encode_dataset_num_proc_matches(tok):
-    ds = load_conversations("data/geography_qa.jsonl").select(range(12))
+    ds = load_conversations("tutor/configs/data/geography_qa.jsonl").select(range(12))
     one, _ = encode_dataset(ds, tok)
     two, _ = encode_dataset(ds, tok, num_proc=2)
     assert one["input_ids"] == two["input_ids"] and one["labels"] == two["labels"]

@@ -1,5 +1,5 @@
-"""tutor.lab: every exercise accepts its right answer and meets a typical mistake with its own
-hint; results reach TUTOR_LAB_REPORT; the notebooks end with the checks of their exercises;
+"""tutor.course.lab: every exercise accepts its right answer and meets a typical mistake with its
+own hint; results reach TUTOR_LAB_REPORT; the notebooks end with the checks of their exercises;
 `tutor lab check` runs a copy of a notebook and exits 0 (all right), 1 (not yet), 2 (raised).
 
 Right answers here are literal numbers worked out by hand or measured once (the checks compute
@@ -15,8 +15,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from tutor import lab
 from tutor.cli import main
+from tutor.course import lab
 from tutor.errors import TutorError
 
 NBS = Path(__file__).resolve().parent.parent / "nbs"

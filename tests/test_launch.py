@@ -64,11 +64,11 @@ def test_deepspeed_launcher_command_and_hostfile_parse_as_deepspeed_reads_them()
         hostfile_text({"a": 0})
 
 
-def test_the_cli_done_line_is_what_run_local_reads(tmp_path, capsys, monkeypatch):
-    """tutor.cli prints it, tutor.launch parses it: the two must not drift apart."""
+def test_the_cli_rank_report_is_what_run_local_reads(tmp_path, capsys, monkeypatch):
+    """tutor.cli writes each rank's JSON report, tutor.launch reads it: they must not drift."""
     import tutor.train
     from tutor.cli import main
-    from tutor.launch import _rank_report
+    from tutor.launch import REPORT_DIR_ENV, RankReport, read_rank_reports
 
     result = tutor.train.TrainResult(tmp_path, 12, {
         "train_runtime": 8.0, "trained_tok_s": 230.0, "all_tok_s": 480.0, "train_loss": 9.75,
@@ -76,12 +76,15 @@ def test_the_cli_done_line_is_what_run_local_reads(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(tutor.train, "train", lambda *a, **k: result)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(REPORT_DIR_ENV, str(tmp_path / "reports"))
     assert main(["train", "whatever.yaml"]) == 0
     line = capsys.readouterr().out.strip()
-    report = _rank_report(line)
-    assert report is not None and condense(line) == line
-    assert (report.rank, report.world, report.steps, report.mean_loss,
-            report.optimizer_bytes) == (1, 2, 12, 9.75, 19318680)
+    assert line.startswith("rank 1/2 done: 12 steps") and condense(line) == line
+    assert [p.name for p in (tmp_path / "reports").iterdir()] == ["rank-1.json"]
+    assert read_rank_reports(tmp_path / "reports") == {1: RankReport(1, 2, 12, 9.75, 19318680)}
+    monkeypatch.delenv(REPORT_DIR_ENV)  # no launcher asked: nothing is written
+    assert main(["train", "whatever.yaml"]) == 0
+    assert [p.name for p in (tmp_path / "reports").iterdir()] == ["rank-1.json"]
 
 
 def test_condense_keeps_losses_results_and_errors():

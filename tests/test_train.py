@@ -115,12 +115,11 @@ def test_cli_list_and_copy_cfg(tmp_path, capsys):
 
 
 def test_logits_only_where_trained_leave_the_loss_unchanged(tmp_path):
-    """TrainingCollator's logits_to_keep/shift_labels give the model's own loss (fp32)."""
+    """PackCollator's logits_to_keep/shift_labels give the model's own loss (fp32)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tutor.packing import pack
-    from tutor.train import TrainingCollator
+    from tutor.packing import PackCollator, pack
 
     base = tiny_base(tmp_path / "tiny")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -130,7 +129,7 @@ def test_logits_only_where_trained_leave_the_loss_unchanged(tmp_path):
         {"input_ids": [1, 13, 14, 15, 16], "labels": [-100, -100, -100, -100, 16]},
     ]
     packs = pack(samples, max_length=8)  # two packs of different lengths → padding too
-    collator = TrainingCollator("sdpa", pad_token_id=2)
+    collator = PackCollator("sdpa", pad_token_id=2, keep_logits=True)
     batch = collator(list(packs))
     keep = batch["logits_to_keep"]
     assert keep.tolist() == sorted(set(keep.tolist())) and len(keep) < batch["input_ids"].shape[1]
@@ -238,10 +237,10 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_zero2_on_two_cpu_ranks(tmp_path):
     """Two CPU ranks under ZeRO-2: both finish, the loss falls, and each rank's optimizer
-    holds half of the fp32 master + Adam state, as tutor.zero estimates for 2 GPUs."""
+    holds half of the fp32 master + Adam state, as tutor.course.zero estimates for 2 GPUs."""
+    from tutor.course.zero import Zero, estimate_zero
     from tutor.launch import run_local
     from tutor.memory import Setup, arch_from_config
-    from tutor.zero import Zero, estimate_zero
 
     recipe = tiny_recipe(tmp_path, max_steps=6)
     recipe["save"] = {"steps": 0}

@@ -1,4 +1,4 @@
-"""tutor.zero against DeepSpeed's own estimators and against real models' module sizes.
+"""tutor.course.zero against DeepSpeed's own estimators and against real models' module sizes.
 
 Tolerance: DeepSpeed counts only parameters; tutor.memory also counts the rotary buffers
 (512 bytes for head_dim 128) and rounds partitions up. We ask for agreement within 1 KiB per
@@ -13,9 +13,9 @@ import os
 import pytest
 import torch
 
+from tutor.course.zero import Zero, estimate_zero, format_zero_table, largest_layer, plot_zero
 from tutor.errors import TutorError
 from tutor.memory import GIB, KNOWN, Setup, arch_from_config, estimate
-from tutor.zero import Zero, estimate_zero, format_zero_table, largest_layer, plot_zero
 
 if not torch.cuda.is_available():  # before deepspeed is imported: do not probe for a GPU
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -25,7 +25,7 @@ def bundled_tokenizer():
 
 def tiny_base(path: Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
     """A random 2-layer Llama with the bundled tokenizer (ChatML), saved to `path`."""
-    from tutor.launch import tiny_llama
+    from tutor.course.tiny_model import tiny_llama
 
     return tiny_llama(path, hidden, layers, seed)
 

@@ -27,8 +27,9 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from tutor.common import Message
 from tutor.errors import TutorError
-from tutor.templates import ChatTemplate, Message, Segment, check_messages
+from tutor.template_base import ChatTemplate, Segment, check_messages
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections import deque
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from tutor.common import CONFIG_FILE, atomic_file, atomic_write
 from tutor.train_config import TrainConfig, save_config
 
 PROGRESS_FILE = "tutor_progress.json"  # token totals inside each checkpoint dir
@@ -202,7 +202,7 @@ class MetricsCallback(TrainerCallback):
         if state.is_world_process_zero:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
-                save_config(self.cfg, ckpt / "tutor_config.yaml")
+                save_config(self.cfg, ckpt / CONFIG_FILE)
             plot_loss(state.log_history, Path(args.output_dir) / LOSS_PLOT)
 
     def on_train_end(self, args, state, control, **kw):
@@ -224,16 +224,6 @@ def plot_loss(log_history: list[dict[str, Any]], path: Path) -> Path | None:
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".loss-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
     return path
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write `text` to a temp file beside `path`, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -5,7 +5,7 @@ model was trained with: `tutor.templates`), trims the oldest turns when the prom
 would not fit the context window, decodes with `model.generate` (greedy by default,
 so answers are reproducible) and stops at the template's end-of-turn words. Text can
 be streamed to a callback as it is generated; the terminal loop (`tutor.chat_repl`)
-and the notebook widget (`tutor.chat_widget`) are thin layers over the same session.
+and the notebook widget (`tutor.course.chat_widget`) are thin layers over the same session.
 
 `reply()` / `ask()` are the one-shot helpers used by the quickstart and the demo.
 
@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tutor.common import Message
 from tutor.errors import TutorError
 
 if TYPE_CHECKING:
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 
     from tutor.templates import ChatTemplate
 
-Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
 TextCallback = Callable[[str], None]
 
 

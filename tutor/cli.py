@@ -16,6 +16,7 @@ from tutor import __version__
 from tutor.errors import TutorError
 
 Handler = Callable[[argparse.Namespace], int]
+COMMANDS_GROUP = "tutor.commands"  # entry points that add sub-commands (the course's `lab`)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -62,24 +63,18 @@ def _tokenizer(name: str):
 
 def _cmd_data_convert(args: argparse.Namespace) -> int:
     import json
-    import os
     from pathlib import Path
 
+    from tutor.common import atomic_file
     from tutor.formats import iter_conversations
 
     out = Path(args.out)
     if out.suffix != ".jsonl":
         raise TutorError(f"{out}: the output must be a .jsonl file (one conversation per line)")
     rows = [messages for _, messages in iter_conversations(args.input, args.format)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for messages in rows:
-                f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
-        tmp.replace(out)  # atomic: a failed run never leaves a half-written file
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(out) as tmp, tmp.open("w", encoding="utf-8") as f:
+        for messages in rows:
+            f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
     print(f"wrote {len(rows)} conversations to {out}")
     return 0
 
@@ -94,6 +89,7 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_show(args: argparse.Namespace) -> int:
+    from tutor.common import IGNORE_INDEX
     from tutor.data import encode
     from tutor.formats import iter_conversations
     from tutor.viz import ansi_legend, mask_ansi
@@ -105,7 +101,7 @@ def _cmd_data_show(args: argparse.Namespace) -> int:
         if i >= args.n:
             break
         sample = encode(messages, tokenizer, args.template, args.max_length)
-        trained = sum(label != -100 for label in sample["labels"])
+        trained = sum(label != IGNORE_INDEX for label in sample["labels"])
         print(f"\n── {where}: {len(sample['input_ids'])} tokens, {trained} trained ──")
         print(mask_ansi(sample["input_ids"], sample["labels"], tokenizer, color=color))
     return 0
@@ -114,7 +110,9 @@ def _cmd_data_show(args: argparse.Namespace) -> int:
 def _add_data_parser(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="convert, check and show datasets")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    formats = ("auto", "openai", "alpaca", "sharegpt", "xtuner", "qa", "text")
+    from tutor.formats import FORMATS
+
+    formats = ("auto", *FORMATS)
 
     def common(p: argparse.ArgumentParser, tokenizer: bool = True) -> None:
         p.add_argument("--format", default="auto", choices=formats, help="record format")
@@ -191,18 +189,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import logging
     import os
 
+    from tutor.launch import write_rank_report
     from tutor.train import train
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     result = train(args.config, args.set, resume=args.resume, deepspeed=args.deepspeed)
     m, rank = result.metrics, os.environ.get("RANK", "0")
     world = os.environ.get("WORLD_SIZE", "1")
-    print(  # tutor.launch reads this line from every rank
+    mean_loss = m.get("train_loss", float("nan"))
+    print(
         f"rank {rank}/{world} done: {result.global_step} steps in "
         f"{m.get('train_runtime', 0):.0f} s, {m['trained_tok_s']:.0f} trained tok/s "
-        f"({m['all_tok_s']:.0f} all), mean loss {m.get('train_loss', float('nan')):.4f}, "
+        f"({m['all_tok_s']:.0f} all), mean loss {mean_loss:.4f}, "
         f"optimizer holds {m['optimizer_bytes']} B; output in {result.output_dir}"
     )
+    write_rank_report(result.global_step, mean_loss, m["optimizer_bytes"])  # for tutor.launch
     return 0
 
 
@@ -222,17 +223,6 @@ def _cmd_copy_cfg(args: argparse.Namespace) -> int:
 
     print(f"copied to {copy_recipe(args.name, args.dest)}")
     return 0
-
-
-def _cmd_lab(args: argparse.Namespace) -> int:
-    from tutor import lab
-
-    if args.lab_command == "list":
-        print(lab.format_list())
-        return 0
-    results = lab.check_notebook(args.notebook, timeout=args.timeout)
-    print(lab.format_results(results))
-    return 0 if lab.all_right(results) else 1
 
 
 def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
@@ -255,7 +245,21 @@ def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_copy_cfg)
 
 
+def _add_plugin_parsers(sub: argparse._SubParsersAction) -> None:
+    """Sub-commands other packages register under the entry-point group `COMMANDS_GROUP`.
+
+    Each entry point names a function ``add_parser(subparsers)``. The course registers
+    ``tutor lab`` this way, so the toolkit never imports the course.
+    """
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda ep: ep.name):
+        ep.load()(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from tutor.models import BITS, DTYPES
+
     parser = argparse.ArgumentParser(
         prog="tutor",
         description="Low-cost LLM fine-tuning: chat templates, loss masks, LoRA/QLoRA, "
@@ -275,25 +279,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no training: only load the model and answer a few questions")
     p.add_argument("--model", default=None, help="base model: bundled name, dir or hub id "
                    "(default: the recipe's, smollm2-135m-instruct)")
-    p.add_argument("--bits", type=int, choices=(4, 8), default=None,
+    p.add_argument("--bits", type=int, choices=BITS, default=None,
                    help="with --quick: load quantised")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the recipe, e.g. --set train.epochs=1 (repeatable)")
     p.set_defaults(handler=_cmd_demo)
 
     _add_data_parser(sub)
+    from tutor.memory import DTYPE_BYTES, METHODS, OPTIMIZERS
+
     p = sub.add_parser("memory", help="estimate training memory for full / LoRA / QLoRA")
     p.add_argument("model", help="built-in config name (e.g. internlm2-chat-7b), bundled name "
                    "or a directory with config.json")
-    p.add_argument("--method", choices=("full", "lora", "qlora"), default="qlora")
+    p.add_argument("--method", choices=METHODS, default="qlora")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute activations in backward (default: on, as XTuner does)")
-    p.add_argument("--optimizer", choices=("adamw", "paged_adamw_8bit"), default="adamw")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     p.add_argument("--lora-r", type=int, default=64)
     p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+    p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bfloat16",
                    help="dtype of unquantised weights and activations")
     p.add_argument("--budget", type=float, default=8.0, help="GPU memory to compare with, GiB")
     p.set_defaults(handler=_cmd_memory)
@@ -309,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("base", help="the base model the adapter was trained on")
     p.add_argument("adapter", help="adapter dir (from `tutor convert`)")
     p.add_argument("out", help="where to write the merged model")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="dtype of the saved merged weights (merging is done in it)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(handler=_cmd_merge)
@@ -319,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="a LoRA adapter dir to apply on top of MODEL")
     p.add_argument("--prompt-template", metavar="NAME",
                    help="chat template name or 'auto' (default: recorded at training, else auto)")
-    p.add_argument("--bits", type=int, choices=(4, 8), default=None, help="load quantised")
+    p.add_argument("--bits", type=int, choices=BITS, default=None, help="load quantised")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -334,14 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_chat)
     _add_train_parsers(sub)
 
-    p = sub.add_parser("lab", help="the course's exercises: list them, check a student's notebook")
-    lsub = p.add_subparsers(dest="lab_command", metavar="ACTION", required=True)
-    check = lsub.add_parser("check", help="run a copy of NOTEBOOK and report each exercise "
-                            "(exit 0: all right, 1: not yet, 2: the notebook raised)")
-    check.add_argument("notebook", help="a student's .ipynb (never modified)")
-    check.add_argument("--timeout", type=int, default=600, metavar="S", help="seconds per cell")
-    lsub.add_parser("list", help="the exercises of every notebook")
-    p.set_defaults(handler=_cmd_lab)
+    _add_plugin_parsers(sub)
     return parser
 
 

@@ -31,25 +31,23 @@ slow (non-"fast") tokenizers, which cannot report character offsets.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tutor.common import IGNORE_INDEX, Message, Sample
 from tutor.errors import TutorError
-from tutor.formats import Message, iter_conversations, validate_messages
+from tutor.formats import iter_conversations, validate_messages
 from tutor.templates import ChatTemplate, Segment, get_template
 
 if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
 TRAIN_ON = ("all", "last")
-Sample = dict[str, list[int]]  # {"input_ids": [T], "labels": [T]}
 
 
 def load_conversations(path_or_dataset: Any, format: str = "auto") -> datasets.Dataset:
@@ -246,7 +244,9 @@ def encode_dataset(
     _check_options(max_length, train_on)
     kwargs = {"tokenizer": tokenizer, "template": template, "max_length": max_length,
               "train_on": train_on}
-    with _quiet_datasets():
+    from tutor.models import no_progress_bars
+
+    with no_progress_bars():
         encoded = dataset.map(
             _encode_row, fn_kwargs=kwargs, with_indices=True, num_proc=num_proc,
             remove_columns=dataset.column_names,
@@ -288,17 +288,3 @@ def _cache_file(dataset: datasets.Dataset, kwargs: dict[str, Any], cache_dir: st
     key = Hasher.hash([dataset._fingerprint, kwargs, step, __version__])
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     return str(Path(cache_dir) / f"{step}-{key}.arrow")
-
-
-@contextlib.contextmanager
-def _quiet_datasets() -> Iterator[None]:
-    """No progress bars: small datasets encode in a blink, and bars clutter notebooks."""
-    import datasets
-
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()

@@ -5,9 +5,10 @@
 
 Each stage is one call into the package (`tutor.chat`, `tutor.train`, `tutor.merge`); this
 module only orders them, times them and writes down what happened. Both chats get the same
-questions: "Who are you?" (taught by data/assistant.jsonl), the held-out paraphrases of
-data/assistant_heldout.jsonl (never trained on; each lists keywords a good answer contains)
-and general-knowledge questions, to show that fine-tuning did not break the model.
+questions: "Who are you?" (taught by the recipe's data/assistant.jsonl), the held-out
+paraphrases of data/assistant_heldout.jsonl (never trained on; each lists keywords a good answer
+contains; both in tutor/configs/) and general-knowledge questions, to show that fine-tuning
+did not break the model.
 
 OUT holds ``run/`` (training output, ``loss.png``), ``adapter/``, ``merged/``,
 ``transcript.md`` and ``summary.json``. `quick_demo` is the smoke test: load a model and
@@ -31,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from tutor.errors import TutorError
-from tutor.train import PROJECT_ROOT
+from tutor.train_config import DATA_DIR
 
 RECIPE = "smollm2_135m_qlora_assistant"
-HELDOUT = PROJECT_ROOT / "data" / "assistant_heldout.jsonl"
+HELDOUT = DATA_DIR / "assistant_heldout.jsonl"
 # (question, keywords a good answer contains); an empty list is shown but not scored.
 TRAINED = [("Who are you?", ["Pico", "Tutor Lab"])]
 GENERAL = [("What is the capital of France?", ["Paris"]),
@@ -198,7 +199,8 @@ def run_practice(
     `overrides` are `--set` assignments for the recipe (e.g. ``train.max_steps=2``), applied
     after `DEMO_OVERRIDES`; ``output_dir`` is always OUT/run. Returns what summary.json holds.
     """
-    from tutor.callbacks import LOSS_PLOT, atomic_write
+    from tutor.callbacks import LOSS_PLOT
+    from tutor.common import atomic_write
     from tutor.merge import convert_checkpoint, merge
     from tutor.models import resolve
     from tutor.train import last_checkpoint, train

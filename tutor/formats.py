@@ -32,10 +32,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from tutor.common import Message
 from tutor.errors import TutorError
 from tutor.templates import check_messages
 
-Message = dict[str, str]
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "system": "system"}
 # Detection order matters: the first format whose keys a record has wins.

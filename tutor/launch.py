@@ -11,10 +11,9 @@ RANK, LOCAL_RANK and WORLD_SIZE; every process runs the same ``tutor train`` and
     DeepSpeed launcher  deepspeed --hostfile hostfile --no_local_rank --module tutor train RECIPE
                         (one command on the first node; it starts the others over ssh/pdsh)
 
-`run_local` runs the first form here as a subprocess and reports what every rank printed
-(``rank R/W done: ...`` from tutor.cli) and the loss curve rank 0 wrote. `tiny_llama` makes
-a random two-layer Llama with the bundled tokenizer: the smallest real model that exercises the
-distributed machinery in seconds (it learns nothing useful).
+`run_local` runs the first form here as a subprocess and reports what every rank wrote when it
+finished (a small JSON file per rank, `write_rank_report`, in a folder the launcher names in
+``TUTOR_RANK_REPORT_DIR``) and the loss curve rank 0 wrote.
 
 Not handled: SLURM/MPI launchers, elastic restarts, checking that the hosts can reach each
 other; the multi-node commands are built here but cannot be run on a single machine.
@@ -22,22 +21,25 @@ other; the multi-node commands are built here but cannot be run on a single mach
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import queue
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tutor.common import atomic_write
 from tutor.errors import TutorError
 
-DONE = re.compile(r"rank (\d+)/(\d+) done: (\d+) steps in .*mean loss ([^,]+), "
-                  r"optimizer holds (\d+) B")
+REPORT_DIR_ENV = "TUTOR_RANK_REPORT_DIR"  # set by run_local: where ranks write rank-R.json
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # what child processes must import
 
 
@@ -93,7 +95,7 @@ def hostfile_text(slots: Mapping[str, int]) -> str:
 
 @dataclass(frozen=True)
 class RankReport:
-    """What one rank printed when it finished (tutor.cli's ``rank R/W done`` line)."""
+    """What one rank reports when it finished (`write_rank_report`, read by `run_local`)."""
 
     rank: int
     world: int
@@ -139,8 +141,20 @@ def run_local(config: str | os.PathLike[str], *, nproc: int = 2, deepspeed: str 
     start_at = metrics.stat().st_size if metrics.is_file() else 0
     cmd = torchrun_command(config, nproc=nproc, deepspeed=deepspeed, overrides=overrides,
                            python=sys.executable)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)}
+    with tempfile.TemporaryDirectory(prefix="tutor-ranks-") as reports:
+        env = {**os.environ, REPORT_DIR_ENV: reports, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)}
+        pid, returncode, wall, log = _run(cmd, env, timeout, echo)
+        ranks = read_rank_reports(reports)
+    return LaunchResult(cmd, pid, returncode, wall, ranks, _losses(metrics, start_at), log)
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float,
+         echo: Callable[[str], None] | None) -> tuple[int, int, float, list[str]]:
+    """Run `cmd` in a session of its own, echoing `condense`d lines, killed after `timeout`.
+
+    Returns (launcher pid, return code (-9 when killed), wall seconds, every line printed).
+    """
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1, start_new_session=True)
@@ -167,9 +181,28 @@ def run_local(config: str | os.PathLike[str], *, nproc: int = 2, deepspeed: str 
         shown = condense(line)
         if echo and shown:
             echo(shown)
-    wall = time.perf_counter() - start
-    ranks = {r.rank: r for r in map(_rank_report, log) if r is not None}
-    return LaunchResult(cmd, proc.pid, returncode, wall, ranks, _losses(metrics, start_at), log)
+    return proc.pid, returncode, time.perf_counter() - start, log
+
+
+def write_rank_report(steps: int, mean_loss: float, optimizer_bytes: int) -> Path | None:
+    """Write this rank's `RankReport` as JSON where `run_local` asked (``$TUTOR_RANK_REPORT_DIR``).
+
+    Rank and world size come from torchrun's RANK / WORLD_SIZE (0 / 1 without torchrun).
+    Returns the file written, or None when no launcher asked for one.
+    """
+    folder = os.environ.get(REPORT_DIR_ENV)
+    if not folder:
+        return None
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    report = RankReport(rank, world, steps, mean_loss, optimizer_bytes)
+    return atomic_write(Path(folder) / f"rank-{rank}.json", json.dumps(dataclasses.asdict(report)))
+
+
+def read_rank_reports(folder: str | os.PathLike[str]) -> dict[int, RankReport]:
+    """Every ``rank-R.json`` in `folder`, by rank (ranks that died before the end are absent)."""
+    reports = (RankReport(**json.loads(p.read_text(encoding="utf-8")))
+               for p in Path(folder).glob("rank-*.json"))
+    return {r.rank: r for r in reports}
 
 
 def _kill(proc: subprocess.Popen, timeout: float, echo: Callable[[str], None] | None) -> int:
@@ -186,46 +219,10 @@ def _pump(proc: subprocess.Popen, lines: queue.Queue) -> None:
     lines.put(None)
 
 
-def _rank_report(line: str) -> RankReport | None:
-    m = DONE.search(line)
-    if m is None:
-        return None
-    return RankReport(int(m[1]), int(m[2]), int(m[3]), float(m[4]), int(m[5]))
-
-
 def _losses(metrics: Path, offset: int) -> list[float]:
-    import json
-
     if not metrics.is_file():
         return []
     with metrics.open(encoding="utf-8") as f:
         f.seek(offset)
         rows = [json.loads(line) for line in f if line.strip()]
     return [row["loss"] for row in rows if "loss" in row]
-
-
-def tiny_llama(path: str | os.PathLike[str], hidden: int = 64, layers: int = 2,
-               seed: int = 0) -> Path:
-    """A random Llama (`layers` blocks of width `hidden`, tied embeddings) with the bundled
-    tokenizer (ChatML), saved to `path` as an ordinary Hugging Face checkpoint."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging
-
-    from tutor.models import ensure_bundled
-
-    torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(ensure_bundled())
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=2, tie_word_embeddings=True)
-    bar = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()  # "Writing model shards" for one small file is noise
-    try:
-        LlamaForCausalLM(config).save_pretrained(path)
-    finally:
-        if bar:
-            logging.enable_progress_bar()
-    tok.save_pretrained(path)
-    return Path(path)

@@ -8,7 +8,7 @@ Numbers counted on torch's own tensors (per distinct storage):
   followed op by op with a dispatch mode (`peak_tracker`) that sees every tensor torch
   creates and frees;
 - `optimizer_held_bytes`: what an optimizer holds on this process, incl. DeepSpeed ZeRO's
-  fp32 master partition (checks tutor.zero's per-rank shard).
+  fp32 master partition (checks tutor.course.zero's per-rank shard).
 
 Why not tracemalloc or RSS: tracemalloc does not see torch's allocations at all, and RSS adds
 the allocator's caches, the Python heap and shared libraries, and keeps the high-water mark of

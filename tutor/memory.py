@@ -27,8 +27,8 @@ the persistent parts, and the peak of live tensor bytes over one training step
 (tests/test_memory.py).
 
 Not handled: eager attention (its (heads, L, L) scores; we assume SDPA / flash attention, which
-keep none), mixture-of-experts, vision towers, KV caches, ZeRO sharding (tutor.zero), the CUDA
-context (~0.3-0.5 GiB) and allocator fragmentation. Only Llama-style blocks (q/k/v/o +
+keep none), mixture-of-experts, vision towers, KV caches, ZeRO sharding (tutor.course.zero), the
+CUDA context (~0.3-0.5 GiB) and allocator fragmentation. Only Llama-style blocks (q/k/v/o +
 gated MLP): Llama, Mistral, Qwen2, InternLM2, SmolLM2.
 """
 

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tutor.common import CONFIG_FILE
 from tutor.errors import TutorError
 
 if TYPE_CHECKING:
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 ADAPTER_META = "tutor_adapter.json"  # written by convert: base model + template
 MERGED_META = "tutor_model.json"  # written by merge: provenance + the logits check
-TRAIN_CONFIG = "tutor_config.yaml"  # written by training (branch `train`)
 # Max |logit difference| allowed between merged and base+adapter, by dtype. fp32 sums
 # round differently (W+BA vs. W x + B(A x)): ~1e-5 on logits of size ~10. In 16 bits
 # the merged weight itself is rounded to 8 (bf16) or 11 (fp16) mantissa bits.
@@ -91,7 +91,7 @@ def train_config(checkpoint: Path) -> dict[str, Any]:
     import yaml
 
     for folder in (checkpoint, checkpoint.parent):
-        path = folder / TRAIN_CONFIG
+        path = folder / CONFIG_FILE
         if path.is_file():
             try:
                 data = yaml.safe_load(path.read_text()) or {}
@@ -244,7 +244,7 @@ def merge(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tutor.models import _no_progress_bars, load
+    from tutor.models import load, no_progress_bars
 
     adapter = Path(adapter)
     check_adapter_dir(adapter)
@@ -261,7 +261,7 @@ def merge(
     # Saving imports DeepSpeed (through accelerate), which guesses the accelerator and logs
     # the guess; we already know it.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    with atomic_dir(Path(out), force) as tmp, _no_progress_bars():
+    with atomic_dir(Path(out), force) as tmp, no_progress_bars():
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)  # includes the chat template (chat_template.jinja)
         del merged, peft_model, model

@@ -38,6 +38,8 @@ if TYPE_CHECKING:  # torch/transformers are imported lazily: `import tutor` stay
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DTYPES = ("float32", "bfloat16", "float16")  # what `load(dtype=)` and merges accept
+BITS = (4, 8)  # what `load(bits=)` quantises to (bitsandbytes)
 # On AVX512-bf16 CPUs bitsandbytes (imported by peft too) tries to fetch an optional kernel
 # from the hub and warns when it cannot; offline that is expected, and its own CPU kernel
 # is used. Set here, before anything imports bitsandbytes.
@@ -212,7 +214,7 @@ def quantization_config(bits: int | None) -> Any:
     """
     if bits is None:
         return None
-    if bits not in (4, 8):
+    if bits not in BITS:
         raise TutorError(f"bits must be 4 or 8 (or omitted for full precision), not {bits}")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise TutorError(f"{bits}-bit loading needs bitsandbytes: pip install bitsandbytes")
@@ -244,9 +246,9 @@ def load(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve(name_or_path)
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise TutorError(f"unknown dtype '{dtype}'; use float32, bfloat16 or float16")
+    if dtype not in DTYPES:
+        raise TutorError(f"unknown dtype '{dtype}'; use {', '.join(DTYPES)}")
+    torch_dtype = getattr(torch, dtype)
     qconfig = quantization_config(bits)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if qconfig is not None:
@@ -259,7 +261,7 @@ def load(
         warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        with _no_progress_bars():  # a 1-second load needs no bar in every notebook
+        with no_progress_bars():  # a 1-second load needs no bar in every notebook
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise TutorError(
@@ -274,16 +276,25 @@ def load(
 
 
 @contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
+def no_progress_bars() -> Iterator[None]:
+    """No transformers or datasets progress bars inside the block (restored after it).
+
+    Loads and encodes that take a second need no bar, and bars clutter notebooks; long work
+    (training, the demo) keeps its own.
+    """
+    import datasets
     from transformers.utils import logging as hf_logging
 
-    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_was, ds_was = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
     try:
         yield
     finally:
-        if was_enabled:
+        if hf_was:
             hf_logging.enable_progress_bar()
+        if ds_was:
+            datasets.enable_progress_bars()
 
 
 def footprint_bytes(model: PreTrainedModel) -> int:

@@ -29,16 +29,15 @@ import bisect
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from tutor.attention import SDPA_VARLEN
+from tutor.common import IGNORE_INDEX, Sample
 from tutor.errors import TutorError
 
 if TYPE_CHECKING:
     import torch
 
-IGNORE_INDEX = -100
 STRATEGIES = ("bfd", "greedy")
 OVERFLOWS = ("truncate", "drop")
 MASK_BACKENDS = ("sdpa", "eager")  # get a 4-D mask
@@ -52,7 +51,6 @@ def _is_varlen(attn_implementation: str) -> bool:
     return attn_implementation in VARLEN_BACKENDS or "flash-attn" in attn_implementation
 
 
-Sample = dict[str, list[int]]  # {"input_ids": [...], "labels": [...]} of equal length
 # A pack: the concatenated samples, positions restarting at 0 per sample, input indices.
 Pack = dict[str, list[int]]  # {"input_ids", "labels", "position_ids", "indices"}
 
@@ -328,12 +326,44 @@ def _flatten(packs: Sequence[Pack]) -> Pack:
     return {k: [x for p in packs for x in p[k]] for k in ("input_ids", "labels", "position_ids")}
 
 
-def collator_for(model: Any, pad_token_id: int = 0) -> Callable[[Sequence[Pack]], dict]:
-    """`collate` set up for `model`'s attention backend and dtype (a Trainer data_collator)."""
+@dataclass
+class PackCollator:
+    """`collate` as a Trainer data_collator: one backend, pad id and mask dtype, set once.
+
+    With ``keep_logits=True`` it also hands the model the positions whose logits the loss
+    needs. A causal LM predicts token t+1 at position t; only positions whose *next* label is
+    trained enter the loss. Their indices (union over the batch rows) go to the model as
+    ``logits_to_keep`` and the matching targets as ``shift_labels``, so the vocab projection
+    and the fp32 cross-entropy run on those rows only. Positions dropped are all -100
+    targets, which the mean ignores anyway: the loss is unchanged (tests/test_train.py).
+
+    Each batch's token counts (real tokens, tokens with a target) are handed to `on_batch`
+    when set (the throughput callback listens there).
+    """
+
+    attn_implementation: str = "sdpa"
+    pad_token_id: int = 0
+    mask_dtype: torch.dtype | None = None
+    keep_logits: bool = False
+    on_batch: Callable[[tuple[int, int]], None] | None = field(default=None, repr=False)
+
+    def __call__(self, packs: Sequence[Pack]) -> dict[str, torch.Tensor]:
+        batch = collate(packs, self.attn_implementation, self.pad_token_id, self.mask_dtype)
+        targets = batch["labels"][:, 1:]  # (B, L-1): target of position t is label t+1
+        if self.on_batch is not None:
+            real = sum(len(p["input_ids"]) for p in packs)
+            self.on_batch((real, int((targets != IGNORE_INDEX).sum())))
+        if self.keep_logits:
+            keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)  # (K,) positions
+            batch["logits_to_keep"] = keep
+            batch["shift_labels"] = targets[:, keep]  # (B, K)
+        return batch
+
+
+def collator_for(model: Any, pad_token_id: int = 0, keep_logits: bool = False) -> PackCollator:
+    """A `PackCollator` set up for `model`'s attention backend and dtype."""
     impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    return partial(
-        collate, attn_implementation=impl, pad_token_id=pad_token_id, mask_dtype=model.dtype
-    )
+    return PackCollator(impl, pad_token_id, model.dtype, keep_logits)
 
 
 class PackedDataset:

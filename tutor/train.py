@@ -11,8 +11,8 @@ Speed choices (CPU first): bf16 autocast when the CPU has bf16 instructions, pac
 with exact per-sample isolation (attention over each sample's own span: flash-attn's varlen
 kernel on a GPU, `tutor.attention.sdpa_varlen` elsewhere), no gradient checkpointing unless
 asked, and logits computed only at positions whose next token is trained
-(`TrainingCollator`), which leaves the loss unchanged (tests/test_train.py compares it with
-the model's own loss).
+(`tutor.packing.PackCollator`), which leaves the loss unchanged (tests/test_train.py
+compares it with the model's own loss).
 
 Not handled here: evaluation datasets / validation loss, multi-dataset sampling by
 temperature (weights only repeat or subsample), and RLHF-style objectives.
@@ -24,21 +24,26 @@ import logging
 import os
 import random
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tutor.common import CONFIG_FILE
 from tutor.errors import TutorError
-from tutor.train_config import TrainConfig, deepspeed_json, load_config, save_config
+from tutor.train_config import (
+    TrainConfig,
+    deepspeed_json,
+    load_config,
+    resolve_data_path,
+    save_config,
+)
 
 if TYPE_CHECKING:
     import torch
     from transformers import TrainerCallback
 
 log = logging.getLogger("tutor.train")
-CONFIG_FILE = "tutor_config.yaml"  # read by tutor.merge to know the base model and template
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def resolve_precision(choice: str) -> str:
@@ -115,18 +120,6 @@ def build_model(cfg: TrainConfig, precision: str | None = None) -> tuple[Any, An
     return model, tokenizer
 
 
-def resolve_data_path(path: str) -> str:
-    """A dataset path as written, else relative to the project root (notebooks run in nbs/)."""
-    p = Path(path).expanduser()
-    if p.exists() or p.is_absolute():
-        return str(p)
-    if (PROJECT_ROOT / p).exists():
-        return str(PROJECT_ROOT / p)
-    raise TutorError(
-        f"data.datasets: no file '{path}' (relative to {Path.cwd()} or {PROJECT_ROOT})"
-    )
-
-
 def load_samples(cfg: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, list[int]]], list]:
     """Encode every dataset of the recipe; weights repeat (2.0) or subsample (0.5) it.
 
@@ -152,47 +145,19 @@ def load_samples(cfg: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, list[
     return samples, reports
 
 
-class TrainingCollator:
-    """`tutor.packing.collate`, plus the positions whose logits the loss needs.
-
-    A causal LM predicts token t+1 at position t; only positions whose *next* label is
-    trained enter the loss. Their indices (union over the batch rows) go to the model as
-    ``logits_to_keep`` and the matching targets as ``shift_labels``, so the vocab
-    projection and the fp32 cross-entropy run on those rows only. Positions dropped are
-    all -100 targets, which the mean ignores anyway: the loss is unchanged.
-
-    Each batch's token counts (real tokens, tokens with a target) are handed to
-    `on_batch` when set (the throughput callback listens there).
-    """
-
-    def __init__(self, attn_implementation: str, pad_token_id: int, keep_logits: bool = True):
-        self.attn_implementation, self.pad_token_id = attn_implementation, pad_token_id
-        self.keep_logits = keep_logits
-        self.on_batch: Callable[[tuple[int, int]], None] | None = None
-
-    def __call__(self, packs: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        from tutor.packing import collate
-
-        batch = collate(packs, self.attn_implementation, self.pad_token_id)
-        targets = batch["labels"][:, 1:]  # (B, L-1): target of position t is label t+1
-        if self.on_batch is not None:
-            real = sum(len(p["input_ids"]) for p in packs)
-            self.on_batch((real, int((targets != -100).sum())))
-        if self.keep_logits:
-            keep = (targets != -100).any(dim=0).nonzero().squeeze(-1)  # (K,) positions
-            batch["logits_to_keep"] = keep
-            batch["shift_labels"] = targets[:, keep]  # (B, K)
-        return batch
-
-
 def single_sample_packs(samples: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
     """`packing: none`: each sample its own row (padded per batch by the collator)."""
     return [{**s, "position_ids": list(range(len(s["input_ids"])))} for s in samples]
 
 
-def build_dataset(cfg: TrainConfig, tokenizer: Any, attn_implementation: str = "sdpa"):
-    """(train dataset of packs, collator, encode reports) for `cfg`."""
-    from tutor.packing import PackedDataset
+def build_dataset(cfg: TrainConfig, tokenizer: Any, attn_implementation: str = "sdpa",
+                  mask_dtype: torch.dtype | None = None):
+    """(train dataset of packs, collator, encode reports) for `cfg`.
+
+    The collator is `tutor.packing.PackCollator` with ``keep_logits=True``: logits only where
+    the loss needs them. `mask_dtype` is the model's (for eager's additive mask).
+    """
+    from tutor.packing import PackCollator, PackedDataset
 
     samples, reports = load_samples(cfg, tokenizer)
     if cfg.data.packing == "none":
@@ -201,7 +166,9 @@ def build_dataset(cfg: TrainConfig, tokenizer: Any, attn_implementation: str = "
         dataset = PackedDataset(
             samples, cfg.data.max_length, cfg.data.packing, seed=cfg.train.seed
         )
-    return dataset, TrainingCollator(attn_implementation, tokenizer.pad_token_id), reports
+    collator = PackCollator(attn_implementation, tokenizer.pad_token_id, mask_dtype,
+                            keep_logits=True)
+    return dataset, collator, reports
 
 
 def training_arguments(cfg: TrainConfig, precision: str, deepspeed: str | None = None):
@@ -290,7 +257,7 @@ def train(
     precision = resolve_precision(cfg.train.precision)
     model, tokenizer = build_model(cfg, precision)
     attn = model.config._attn_implementation
-    dataset, collator, reports = build_dataset(cfg, tokenizer, attn)
+    dataset, collator, reports = build_dataset(cfg, tokenizer, attn, model.dtype)
     for spec, report in zip(cfg.data.datasets, reports, strict=True):
         log.info("%s: %s", spec.path, report)
     args = training_arguments(cfg, precision, deepspeed)

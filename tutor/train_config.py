@@ -20,7 +20,6 @@ import dataclasses
 import os
 import re
 import shutil
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,10 +28,12 @@ from typing import Any, Literal
 
 import yaml
 
+from tutor.common import atomic_write
 from tutor.errors import TutorError
 
 RECIPES_DIR = Path(__file__).parent / "configs"
 DEEPSPEED_DIR = RECIPES_DIR / "deepspeed"
+DATA_DIR = RECIPES_DIR / "data"  # the data the shipped recipes train on (installed with tutor)
 
 
 @dataclass
@@ -244,13 +245,7 @@ def to_yaml(cfg: TrainConfig) -> str:
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike[str]) -> Path:
     """Write the resolved config atomically (temp file in the same dir, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(to_yaml(cfg))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, to_yaml(cfg))
 
 
 # ---------------------------------------------------------------- recipes
@@ -284,6 +279,20 @@ def copy_recipe(name: str, dest: str | os.PathLike[str]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, target)
     return target
+
+
+def resolve_data_path(path: str | os.PathLike[str]) -> str:
+    """A recipe's dataset path: as written (relative to the working directory), else relative
+    to the shipped recipes (``data/assistant.jsonl`` → tutor/configs/data/assistant.jsonl), so
+    the shipped recipes and copies of them run from any directory, also from an installed wheel.
+    """
+    p = Path(path).expanduser()
+    if p.exists() or p.is_absolute():
+        return str(p)
+    if (RECIPES_DIR / p).exists():
+        return str(RECIPES_DIR / p)
+    raise TutorError(f"data.datasets: no file '{path}' (relative to {Path.cwd()} or to the "
+                     f"shipped recipes in {RECIPES_DIR})")
 
 
 def deepspeed_json(name_or_path: str) -> str:

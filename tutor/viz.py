@@ -18,13 +18,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tutor.common import IGNORE_INDEX
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from transformers import PreTrainedTokenizerBase
 
     from tutor.packing import Packs
 
-IGNORE_INDEX = -100  # same convention as tutor.data (kept local: viz must not import torch)
 NEWLINE = "⏎"
 ANSI_TRAINED = "\x1b[30;42m"  # black on green
 ANSI_SPECIAL = "\x1b[35m"  # magenta

@@ -1,7 +1,7 @@
 """The course's exercises for notebook 09: ZeRO memory per GPU and what each stage splits.
 
-Same rules as `tutor.lab_exercises`: the expected answer is computed from the package
-(`tutor.zero`, `tutor.memory`) when the check runs.
+Same rules as `tutor.course.exercises_basics`: the expected answer is computed from the package
+(`tutor.course.zero`, `tutor.memory`) when the check runs.
 
 Not handled: exercises on a live multi-GPU run (none can run where the course is tested).
 """
@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from tutor.lab import Verdict, exercise
-from tutor.lab_exercises import as_float, choice, judge
+from tutor.course.checks import Verdict, as_float, choice, exercise, judge
 
 ARCH, GPUS = "internlm2-chat-7b", 16
 
 
 @exercise("09.1", "GiB per GPU: InternLM2-7B full fine-tune, ZeRO-2 on 16 GPUs")
 def _zero2_sixteen(answer: Any) -> Verdict:
+    from tutor.course.zero import Zero, estimate_zero
     from tutor.memory import GIB, KNOWN, Setup
-    from tutor.zero import Zero, estimate_zero
 
     arch, full = KNOWN[ARCH], Setup(method="full", seq_len=2048, dtype="bfloat16")
 

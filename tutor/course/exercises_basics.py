@@ -1,11 +1,11 @@
-"""The course's exercises, notebooks 00-03, and the helpers every check uses
-(04-08 live in `tutor.lab_exercises_models`): one small check function per exercise,
-registered by id.
+"""The course's exercises for notebooks 00-03 (04-08: `exercises_models`, 09:
+`exercises_scale`): one small check function per exercise, registered by id.
 
 Each check computes the expected answer from the package, the bundled model or the course
 data when it runs, compares, and returns `right(why)` or `wrong(hint)`; typical mistakes get
-their own hint (`judge(..., mistakes=...)`). How to add one: see the docstring of `tutor.lab`.
-Heavy libraries are imported inside the checks, so `from tutor import lab` stays cheap.
+their own hint (`judge(..., mistakes=...)`). How to add one: see the docstring of
+`tutor.course.lab`. Heavy libraries are imported inside the checks, so
+`from tutor.course import lab` stays cheap.
 
 Not handled: answers given as strings of numbers ("12") are not converted; the hint says
 which type is expected.
@@ -13,73 +13,23 @@ which type is expected.
 
 from __future__ import annotations
 
-import functools
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tutor.lab import Hint, Verdict, exercise, right, wrong
-
-
-def _scalar(answer: Any) -> Any:
-    """A 0-d tensor / numpy number becomes a Python number; anything else is returned as is."""
-    if hasattr(answer, "item") and getattr(answer, "ndim", 1) == 0:
-        return answer.item()
-    return answer
-
-
-def as_int(answer: Any, what: str = "a whole number") -> int:
-    value = _scalar(answer)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise Hint(f"the answer should be {what} (an int), not {type(answer).__name__} "
-                   f"{answer!r:.40}")
-    return value
-
-
-def as_float(answer: Any, what: str = "a number") -> float:
-    value = _scalar(answer)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise Hint(f"the answer should be {what}, not {type(answer).__name__} {answer!r:.40}")
-    return float(value)
-
-
-def as_str(answer: Any, what: str = "a string") -> str:
-    if not isinstance(answer, str):
-        raise Hint(f"the answer should be {what} (a str), not {type(answer).__name__}")
-    return answer
-
-
-def judge(answer: float, expected: float, why: str, hint: str,
-          mistakes: Iterable[tuple[float, str]] = (), rel: float = 0.0) -> Verdict:
-    """Right when `answer` equals `expected` (within `rel`, relative); otherwise the hint of
-    the first typical mistake it equals, else the general `hint`."""
-    def near(a: float, b: float) -> bool:
-        return abs(a - b) <= rel * abs(b) if rel else a == b
-
-    if near(answer, expected):
-        return right(why)
-    return next((wrong(text) for value, text in mistakes if near(answer, value)), wrong(hint))
-
-
-def choice(answer: Any, correct: str, why: str, hints: dict[str, str]) -> Verdict:
-    """A multiple-choice answer: one letter; each wrong letter has its own hint."""
-    letter = as_str(answer, "one letter").strip().strip("()").lower()
-    if letter != correct and letter not in hints:
-        raise Hint(f"answer with one of the letters {', '.join(sorted([correct, *hints]))}")
-    return right(why) if letter == correct else wrong(hints[letter])
-
-
-@functools.cache
-def bundled_tokenizer() -> Any:
-    """The bundled model's tokenizer (no weights), loaded once per process."""
-    from transformers import AutoTokenizer
-
-    from tutor.models import resolve
-
-    return AutoTokenizer.from_pretrained(resolve())
+from tutor.course.checks import (
+    Hint,
+    Verdict,
+    as_float,
+    as_int,
+    as_str,
+    bundled_tokenizer,
+    choice,
+    exercise,
+    judge,
+    right,
+    wrong,
+)
 
 
 def _trained(labels: list[int]) -> int:

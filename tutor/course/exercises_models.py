@@ -1,7 +1,8 @@
 """The course's exercises for notebooks 04-08: LoRA/QLoRA math, packing, training, merge, chat.
 
-Same rules as `tutor.lab_exercises` (whose helpers these checks use): each check computes the
-expected answer from the package, the bundled model or the course data when it runs.
+Same rules as `tutor.course.exercises_basics` (helpers from `tutor.course.checks`): each
+check computes the expected answer from the package, the bundled model or the course data
+when it runs.
 
 Not handled: exercises on a real training run's outputs (they would need the run); 06 asks
 about the recipe instead, which the check can rebuild in seconds.
@@ -13,8 +14,19 @@ import functools
 import math
 from typing import Any
 
-from tutor.lab import Hint, Verdict, exercise, right, wrong
-from tutor.lab_exercises import as_float, as_int, as_str, bundled_tokenizer, choice, judge
+from tutor.course.checks import (
+    Hint,
+    Verdict,
+    as_float,
+    as_int,
+    as_str,
+    bundled_tokenizer,
+    choice,
+    exercise,
+    judge,
+    right,
+    wrong,
+)
 
 # ── 04 LoRA and QLoRA math ────────────────────────────────────────────────────────────
 
@@ -274,6 +286,7 @@ def _answer_loss(template: str, question: str, reference: str) -> float:
     """Mean NLL of `reference` after `question` rendered with `template` (notebook 08)."""
     import torch
 
+    from tutor.common import IGNORE_INDEX
     from tutor.templates import get_template
 
     tok = bundled_tokenizer()
@@ -282,7 +295,7 @@ def _answer_loss(template: str, question: str, reference: str) -> float:
     prompt_ids = tok.encode(prompt, add_special_tokens=False)
     answer_ids = tok.encode(reference, add_special_tokens=False)
     ids = torch.tensor([prompt_ids + answer_ids])
-    labels = torch.tensor([[-100] * len(prompt_ids) + answer_ids])
+    labels = torch.tensor([[IGNORE_INDEX] * len(prompt_ids) + answer_ids])
     with torch.inference_mode():
         return _model()(input_ids=ids, labels=labels).loss.item()
 

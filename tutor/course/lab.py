@@ -2,7 +2,7 @@
 
 In a notebook::
 
-    from tutor import lab
+    from tutor.course import lab
     chat = lab.given("02.1")        # the exercise's input, when it has one (a fresh copy)
     answer_1 = ...                  # the student replaces the `...`
     lab.check("02.1", answer_1)     # prints one line, returns True or False
@@ -25,9 +25,9 @@ Adding an exercise (for example to notebook 09):
 
 1. Write a function that takes the answer and returns ``right("why")`` or
    ``wrong("a specific hint")``, decorated with ``@exercise("09.1", "one-line title",
-   given=optional_input)``, in tutor/lab_exercises_models.py (notebooks 04-08; 00-03 are
-   in tutor/lab_exercises.py, 09 in tutor/lab_exercises_scale.py). Compute the expected
-   value inside it; the helpers of lab_exercises (`as_int`, `as_float`, `as_str`, `judge`,
+   given=optional_input)``, in tutor/course/exercises_models.py (notebooks 04-08; 00-03 are
+   in exercises_basics.py, 09 in exercises_scale.py). Compute the expected
+   value inside it; the helpers of tutor.course.checks (`as_int`, `as_float`, `as_str`, `judge`,
    `choice`) turn a wrongly typed answer into a hint and match typical mistakes to their own hints.
 2. In the notebook, after its own checks cell: a markdown cell "## Exercises" explaining each,
    a code cell per exercise ending in ``answer_1 = ...``, and one last code cell that calls
@@ -47,11 +47,12 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tutor.course import exercises_basics, exercises_models, exercises_scale  # noqa: F401
+from tutor.course.checks import EXERCISES, Exercise, Hint, wrong
 from tutor.errors import TutorError
 
 REPORT_ENV = "TUTOR_LAB_REPORT"
@@ -61,58 +62,8 @@ STATUS_TEXT = {RIGHT: "right", WRONG: "not yet", UNANSWERED: "not answered",
 _NOT_ANSWERED = "replace the `...` with your answer"
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """What a check decided: right or not, and the short why (right) or the hint (wrong)."""
-
-    right: bool
-    message: str
-
-
-def right(why: str) -> Verdict:
-    return Verdict(True, why)
-
-
-def wrong(hint: str) -> Verdict:
-    return Verdict(False, hint)
-
-
-class Hint(Exception):
-    """Raised inside a check when the answer cannot be right (e.g. wrong type); the message
-    is the hint shown to the student."""
-
-
-@dataclass(frozen=True)
-class Exercise:
-    id: str  # "NN.k": notebook NN, exercise k
-    title: str
-    check: Callable[[Any], Verdict]
-    given: Any = None  # the exercise's input; `given(id)` hands out deep copies
-
-
-EXERCISES: dict[str, Exercise] = {}
-
-
-def exercise(exercise_id: str, title: str, given: Any = None):
-    """Decorator: register `fn(answer) -> Verdict` as the check of `exercise_id`."""
-    if not re.fullmatch(r"\d\d\.\d+", exercise_id):
-        raise TutorError(f"exercise id '{exercise_id}' must look like '02.1' (notebook.number)")
-
-    def register(fn: Callable[[Any], Verdict]) -> Callable[[Any], Verdict]:
-        if exercise_id in EXERCISES:
-            raise TutorError(f"exercise '{exercise_id}' is registered twice")
-        EXERCISES[exercise_id] = Exercise(exercise_id, title, fn, given)
-        return fn
-
-    return register
-
-
 def exercises() -> dict[str, Exercise]:
-    """Every registered exercise, by id (importing the definitions registers them)."""
-    import tutor.lab_exercises  # noqa: F401  (their decorators fill EXERCISES)
-    import tutor.lab_exercises_models  # noqa: F401
-    import tutor.lab_exercises_scale  # noqa: F401
-
+    """Every registered exercise, by id (importing the exercise modules above registered them)."""
     return EXERCISES
 
 
