@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 from tiny_lora import tiny_base, train_checkpoint
 
+from tutor.common import atomic_dir
 from tutor.errors import TutorError
-from tutor.merge import atomic_dir, convert_checkpoint, merge
+from tutor.merge import convert_checkpoint, merge
 
 pytestmark = pytest.mark.slow  # trains a tiny LoRA with transformers.Trainer
 

@@ -233,6 +233,7 @@ def test_every_block_has_a_known_marker():
 @pytest.mark.slow
 def test_run_and_parse_blocks_in_order(tmp_path):
     shutil.copytree(ROOT / "data", tmp_path / "data")
+    shutil.copytree(ROOT / "tutor/configs/data", tmp_path / "tutor/configs/data")
     repo_before = sorted(os.listdir(ROOT))
     world = World(tmp_path)
     done = {"run": 0, "run-with": 0, "parse": 0}

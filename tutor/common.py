@@ -8,8 +8,8 @@
   `IGNORE_INDEX` means "no loss here" (the value PyTorch's cross-entropy skips).
 - `CONFIG_FILE`: the resolved recipe that training writes into every output and checkpoint
   directory; merge, convert and chat read the base model and chat template from it.
-- `atomic_file` / `atomic_write`: write beside the target, then rename, so a reader (or a
-  crash) never sees half a file.
+- `atomic_file` / `atomic_write` / `atomic_dir`: write beside the target, then rename, so a
+  reader (or a crash) never sees half a file or half a model directory.
 
 Not handled here: anything that needs torch or transformers (those live in the modules of the
 stage that uses them).
@@ -18,11 +18,14 @@ stage that uses them).
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from tutor.errors import TutorError
 
 IGNORE_INDEX = -100
 Message = Mapping[str, Any]  # {"role": "system"|"user"|"assistant", "content": str}
@@ -35,7 +38,7 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path`.
 
     On an exception the temporary file is removed and `path` is left as it was. The parent
-    directory is created when missing. Not handled: directories (see `tutor.merge.atomic_dir`).
+    directory is created when missing. For directories see `atomic_dir`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,3 +56,29 @@ def atomic_write(path: str | os.PathLike[str], text: str) -> Path:
     with atomic_file(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+@contextmanager
+def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `out`; on success it replaces `out` by rename.
+
+    An existing `out` is refused unless `force`; with `force` it is replaced only
+    after the new directory is complete, so `out` is never half-written.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise TutorError(f"{out} already exists; choose another OUT or pass --force")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+            out.rename(old / "x")
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -21,15 +21,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tutor.common import CONFIG_FILE
+from tutor.common import CONFIG_FILE, atomic_dir
 from tutor.errors import TutorError
 
 if TYPE_CHECKING:
@@ -46,32 +43,6 @@ PROBE_TEXTS = (
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
     "Low-rank adapters add a small update to each weight matrix.",
 )
-
-
-@contextmanager
-def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside `out`; on success it replaces `out` by rename.
-
-    An existing `out` is refused unless `force`; with `force` it is replaced only
-    after the new directory is complete, so `out` is never half-written.
-    """
-    out = Path(out)
-    if out.exists() and not force:
-        raise TutorError(f"{out} already exists; choose another OUT or pass --force")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
-            out.rename(old / "x")
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def dir_bytes(path: Path) -> int:

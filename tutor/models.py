@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tutor.common import atomic_dir
 from tutor.errors import TutorError
 
 if TYPE_CHECKING:  # torch/transformers are imported lazily: `import tutor` stays light.
@@ -116,18 +116,13 @@ def ensure_bundled(name: str = DEFAULT_MODEL, home: Path | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():  # a leftover from an older, unfinished layout: replace it
         shutil.rmtree(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        _convert_gguf(gguf, tmp)
-        try:
-            tmp.rename(target)
-        except OSError:
-            # Another process finished the same conversion first: keep theirs.
-            if not is_converted(target):
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(target) as tmp:
+            _convert_gguf(gguf, tmp)
+    except (OSError, TutorError):
+        # Another process finished the same conversion first: keep theirs.
+        if not is_converted(target):
+            raise
     return target
 
 
