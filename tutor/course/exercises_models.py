@@ -238,14 +238,17 @@ def _merge_by_hand(answer: Any) -> Verdict:
                  "and add W")
 
 
-@exercise("07.2", "parameters of the merged model (bundled model + r=8 adapter)")
+@exercise("07.2", "parameters of the merged model (the bundled model + Pico's adapter)")
 def _merged_params(answer: Any) -> Verdict:
+    from tutor.course.pico import RECIPE
     from tutor.lora import lora_param_count
     from tutor.memory import get_arch
+    from tutor.train_config import load_config
 
     arch = get_arch("smollm2-135m-instruct")
     n = arch.num_params()
-    lora = lora_param_count([(i, o) for i, o, _ in arch.block_linears()] * arch.num_layers, 8)
+    r = load_config(RECIPE).lora.r
+    lora = lora_param_count([(i, o) for i, o, _ in arch.block_linears()] * arch.num_layers, r)
     return judge(as_int(answer), n,
                  why=f"{n:,}, exactly the base's: ΔW is folded into W, no new parameters",
                  hint="merging computes W' = W + ΔW in place of W: count the base model's "
@@ -255,18 +258,42 @@ def _merged_params(answer: Any) -> Verdict:
                            (lora, "that is the adapter; the merged model is a whole model")])
 
 
-@exercise("07.3", "why merge loads the base in full precision, also for QLoRA (a/b/c)")
-def _merge_precision(answer: Any) -> Verdict:
-    from tutor.quant import nf4_codebook
+def _nf4_merge_inputs() -> dict[str, Any]:
+    """A (256, 256) weight like a trained layer's (std 0.02) and a LoRA-sized update (1 % of
+    it), fixed by a seed: the input of exercise 07.3."""
+    import torch
 
-    step = float(nf4_codebook()[8] - nf4_codebook()[7])
-    return choice(answer, "b",
-                  why=f"an update is ~1 % of a weight, NF4's smallest step is {step:.0%} of "
-                      "the block's absmax: rounding W + ΔW to NF4 would erase most of it",
-                  hints={"a": "bitsandbytes can save 4-bit weights; the problem is what "
-                              "rounding does to a small update",
-                         "c": "the adapter's dtype is not the issue: peft keeps it in fp32 "
-                              "either way"})
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(256, 256, generator=g) * 0.02
+    return {"W": w, "delta": torch.randn(256, 256, generator=g) * 0.02 * 0.01}
+
+
+def _nf4_round_trip(x: Any) -> Any:
+    from tutor.quant import dequantize_nf4, quantize_nf4
+
+    return dequantize_nf4(quantize_nf4(x))
+
+
+@exercise("07.3", "measure how much of a merged update survives rounding to NF4",
+          given=_nf4_merge_inputs())
+def _merge_precision(answer: Any) -> Verdict:
+    g = _nf4_merge_inputs()
+    w, delta = g["W"], g["delta"]
+    merged4 = _nf4_round_trip(w + delta)
+    error = float((merged4 - w - delta).norm() / delta.norm())
+    kept = float((merged4 - _nf4_round_trip(w)).norm() / delta.norm())
+    return judge(as_float(answer), error, rel=1e-3,
+                 why=f"the update comes back with an error {error:.0f}× its own size: a 4-bit "
+                     "merged model would have lost the fine-tune, so merge loads the base in "
+                     "full precision",
+                 hint="round W + delta to NF4 and back (quantize_nf4, dequantize_nf4), subtract "
+                      "W to get the update that survived, and divide the norm of its error "
+                      "(minus delta) by the norm of delta",
+                 mistakes=[(float((merged4 - w - delta).norm() / w.norm()),
+                            "you divided by |W|: compare the error with the update's own size, "
+                            "|delta|"),
+                           (kept, "that compares two roundings (of W + delta and of W); "
+                                  "measure against the exact W + delta")])
 
 
 # ── 08 chat ───────────────────────────────────────────────────────────────────────────

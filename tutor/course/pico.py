@@ -1,0 +1,133 @@
+"""Pico, the course's one finished model: trained in 06, merged in 07, chatted with in 08.
+
+The assistant recipe (`smollm2_135m_qlora_assistant`) teaches the bundled SmolLM2-135M-Instruct
+that it is Pico, made by the Tutor Lab. Training it takes minutes on a 2-core CPU, so it is done
+once and cached under ``$TUTOR_HOME/runs/<recipe>-<key>/``::
+
+    run/       the training output (adapter, checkpoint-N, metrics.jsonl, loss.png, result.json)
+    adapter/   `tutor.merge.convert_checkpoint` of the last checkpoint
+    merged/    `tutor.merge.merge` of base + adapter (fp32, logits checked)
+
+The key is a hash of what decides the weights: the resolved recipe (without its output_dir),
+the bytes of every dataset it reads, and the versions of tutor, torch, transformers and peft.
+Change any of them and the next call trains anew; a re-run with the same inputs loads the cached
+files in seconds. Each notebook calls these functions, so it also runs alone in a fresh kernel.
+Every stage is written to a temporary directory and renamed into place: an interrupted run
+leaves no half-trained model behind.
+
+Not handled: sharing the cache between machines (the key does not include the CPU, and bf16
+and fp32 runs give slightly different weights), and evicting old runs (delete the folder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tutor.common import atomic_dir, atomic_write
+
+RECIPE = "smollm2_135m_qlora_assistant"
+RESULT_FILE = "result.json"  # global_step, metrics and seconds of the cached training run
+
+
+@dataclass(frozen=True)
+class Pico:
+    """Where one cached Pico lives; `run` exists once `trained` returned."""
+
+    root: Path
+    recipe: str
+    base_model: str
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "merged"
+
+    def result(self) -> dict[str, Any]:
+        """What training reported: ``global_step``, ``metrics`` (Trainer's + throughput)."""
+        return json.loads((self.run / RESULT_FILE).read_text(encoding="utf-8"))
+
+
+def run_key(recipe: str = RECIPE, overrides: Sequence[str] = ()) -> str:
+    """16 hex digits naming the weights that `recipe` + `overrides` produce here."""
+    import peft
+    import torch
+    import transformers
+
+    import tutor
+    from tutor.train_config import load_config, resolve_data_path, to_yaml
+
+    cfg = load_config(recipe, [*overrides, "output_dir=."])
+    h = hashlib.sha256(to_yaml(cfg).encode())
+    for spec in cfg.data.datasets:
+        h.update(Path(resolve_data_path(spec.path)).read_bytes())
+    for version in (tutor.__version__, torch.__version__, transformers.__version__,
+                    peft.__version__):
+        h.update(version.encode())
+    return h.hexdigest()[:16]
+
+
+def locate(recipe: str = RECIPE, overrides: Sequence[str] = ()) -> Pico:
+    """The cache folder of `recipe` + `overrides` (nothing is trained or created)."""
+    from tutor.models import tutor_home
+    from tutor.train_config import load_config
+
+    base = load_config(recipe, list(overrides)).model
+    return Pico(tutor_home() / "runs" / f"{recipe}-{run_key(recipe, overrides)}", recipe, base)
+
+
+def trained(recipe: str = RECIPE, overrides: Sequence[str] = (), echo=print) -> Pico:
+    """Pico with its training run done: from the cache, or trained now (minutes) and cached.
+
+    `echo` gets one line saying which, with the training time.
+    """
+    from tutor.train import train
+    from tutor.train_config import load_config
+
+    pico = locate(recipe, overrides)
+    if (pico.run / RESULT_FILE).is_file():
+        took = pico.result()["seconds"]
+        echo(f"Pico loaded from the cache ({pico.run}); training it took {took:.0f} s")
+        return pico
+    pico.root.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(pico.run, force=True) as tmp:
+        # The run trains in the temporary folder and is renamed only when it finished.
+        cfg = load_config(recipe, [*overrides, f"output_dir={tmp}", "train.progress_bar=false"])
+        start = time.perf_counter()
+        result = train(cfg)
+        seconds = time.perf_counter() - start
+        atomic_write(tmp / RESULT_FILE, json.dumps(
+            {"global_step": result.global_step, "metrics": result.metrics, "seconds": seconds},
+            indent=2) + "\n")
+    echo(f"Pico trained in {seconds:.0f} s ({result.global_step} steps) and cached in {pico.run}")
+    return pico
+
+
+def merged(pico: Pico | None = None, echo=print) -> Pico:
+    """Pico converted to an adapter and merged into its base (cached like the run).
+
+    The same two calls as ``tutor convert`` and ``tutor merge`` (notebook 07 makes them
+    itself); the merge checks the merged logits against base + adapter before it writes.
+    """
+    from tutor.merge import convert_checkpoint, merge
+    from tutor.train import last_checkpoint
+
+    pico = pico or trained(echo=echo)
+    if not pico.adapter.is_dir():
+        convert_checkpoint(last_checkpoint(pico.run) or pico.run, pico.adapter)
+    if not pico.merged.is_dir():
+        report = merge(pico.base_model, pico.adapter, pico.merged)
+        echo(report.summary())
+    return pico
