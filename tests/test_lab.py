@@ -40,8 +40,8 @@ CASES = [
     ("05.3", "b", "a", "shift by one"),
     ("06.2", 26 * 3, 26, "one epoch"),  # 136 identity + 50 replayed geography samples
     ("07.1", [[3, 4, 0], [0, 1, 0]], [[1.5, 1, 0], [0, 1, 0]], "alpha / r = 4"),
-    ("07.2", 134_515_008, 134_515_008 + 2_442_240, "A and B do not survive"),
-    ("07.3", "b", "a", "rounding"),
+    ("07.2", 134_515_008, 134_515_008 + 4_884_480, "A and B do not survive"),  # Pico: r=16
+    ("07.3", 9.18563, 0.0921173, "divided by |W|"),  # NF4 error of a 1 % update, in |delta|
     ("09.1", 23.5, 31.6, "that is 8 GPUs"),
     ("09.2", "c", "b", "weights stay whole"),
     ("08.2", "</s>", "<|im_end|>", "ChatML"),
