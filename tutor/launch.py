@@ -22,6 +22,7 @@ other; the multi-node commands are built here but cannot be run on a single mach
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,7 @@ from tutor.errors import TutorError
 DONE = re.compile(r"rank (\d+)/(\d+) done: (\d+) steps in .*mean loss ([^,]+), "
                   r"optimizer holds (\d+) B")
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # what child processes must import
+LAUNCH_ID = "TUTOR_LAUNCH_ID"  # environment variable marking every process of one run_local
 
 
 def _tail(deepspeed: str | None, overrides: Sequence[str]) -> list[str]:
@@ -128,8 +131,9 @@ def run_local(config: str | os.PathLike[str], *, nproc: int = 2, deepspeed: str 
               echo: Callable[[str], None] | None = print) -> LaunchResult:
     """Run ``torchrun --standalone --nproc_per_node nproc -m tutor train config`` here.
 
-    Streams `condense`d lines to `echo` while it runs; after `timeout` seconds the whole
-    process group is killed. The recipe is validated first (a bad key fails here, not in
+    Streams `condense`d lines to `echo` while it runs; after `timeout` seconds, or when
+    interrupted (Ctrl-C), the launcher and every process it started are killed (`_kill`).
+    The recipe is validated first (a bad key fails here, not in
     `nproc` processes). Losses are read from the lines rank 0 appended to metrics.jsonl.
     """
     from tutor.train_config import load_config
@@ -139,11 +143,27 @@ def run_local(config: str | os.PathLike[str], *, nproc: int = 2, deepspeed: str 
     start_at = metrics.stat().st_size if metrics.is_file() else 0
     cmd = torchrun_command(config, nproc=nproc, deepspeed=deepspeed, overrides=overrides,
                            python=sys.executable)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    launch_id = uuid.uuid4().hex  # inherited by every process of this launch: see _kill
+    env = {**os.environ, LAUNCH_ID: launch_id, "PYTHONPATH": os.pathsep.join(
         p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1, start_new_session=True)
+    try:
+        returncode, log = _follow(proc, start, timeout, echo)
+    finally:  # finished, timed out, Ctrl-C or an error: nothing of this launch stays running
+        _kill(proc, launch_id)
+    if returncode == -9 and echo:
+        echo(f"killed after {timeout:.0f} s")
+    wall = time.perf_counter() - start
+    ranks = {r.rank: r for r in map(_rank_report, log) if r is not None}
+    return LaunchResult(cmd, proc.pid, returncode, wall, ranks, _losses(metrics, start_at), log)
+
+
+def _follow(proc: subprocess.Popen, start: float, timeout: float,
+            echo: Callable[[str], None] | None) -> tuple[int, list[str]]:
+    """Collect the launcher's output lines until it exits (its return code) or `timeout`
+    seconds after `start` pass (-9: the caller kills it)."""
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=_pump, args=(proc, lines), daemon=True).start()
     log: list[str] = []
@@ -155,29 +175,69 @@ def run_local(config: str | os.PathLike[str], *, nproc: int = 2, deepspeed: str 
                 raise queue.Empty
             line = lines.get(timeout=left)
         except queue.Empty:  # out of time
-            returncode = _kill(proc, timeout, echo)
-            break
+            return -9, log
         if line is None:  # the pipe closed: the launcher is exiting
             try:
-                returncode = proc.wait(timeout=max(left, 1))
+                return proc.wait(timeout=max(left, 1)), log
             except subprocess.TimeoutExpired:
-                returncode = _kill(proc, timeout, echo)
-            break
+                return -9, log
         log.append(line)
         shown = condense(line)
         if echo and shown:
             echo(shown)
-    wall = time.perf_counter() - start
-    ranks = {r.rank: r for r in map(_rank_report, log) if r is not None}
-    return LaunchResult(cmd, proc.pid, returncode, wall, ranks, _losses(metrics, start_at), log)
+    return returncode, log
 
 
-def _kill(proc: subprocess.Popen, timeout: float, echo: Callable[[str], None] | None) -> int:
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started
+def _kill(proc: subprocess.Popen, launch_id: str, grace: float = 10.0) -> None:
+    """SIGKILL the launcher (if still running) and every process of its launch, whatever
+    session it is in.
+
+    Killing the launcher's process group is not enough: torchrun starts each rank with
+    ``start_new_session=True``, and a killed launcher's ranks live on under init. So the
+    launcher's descendants are listed while it still holds them, and afterwards every
+    process whose environment carries this launch's `LAUNCH_ID` is swept up as well
+    (a rank's own children, one started while we listed). Returns once none is left
+    running (a zombie awaiting its new parent counts as gone) or `grace` seconds pass.
+    """
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # first the launcher: it starts no rank again
     proc.wait()
-    if echo:
-        echo(f"killed after {timeout:.0f} s")
-    return -9
+    deadline = time.monotonic() + grace
+    while True:
+        alive = [p for p in [*tree, *_launched(launch_id)] if _running(p)]
+        if not alive or time.monotonic() > deadline:
+            return
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        time.sleep(0.05)
+
+
+def _launched(launch_id: str) -> list:
+    """The processes (psutil) whose environment holds ``LAUNCH_ID=launch_id``."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):  # gone, a zombie, or another user's
+            if p.environ().get(LAUNCH_ID) == launch_id:
+                found.append(p)
+    return found
+
+
+def _running(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _pump(proc: subprocess.Popen, lines: queue.Queue) -> None:
@@ -210,9 +270,8 @@ def tiny_llama(path: str | os.PathLike[str], hidden: int = 64, layers: int = 2,
     tokenizer (ChatML), saved to `path` as an ordinary Hugging Face checkpoint."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging
 
-    from tutor.models import ensure_bundled
+    from tutor.models import ensure_bundled, no_progress_bars
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(ensure_bundled())
@@ -220,12 +279,7 @@ def tiny_llama(path: str | os.PathLike[str], hidden: int = 64, layers: int = 2,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
                          pad_token_id=2, tie_word_embeddings=True)
-    bar = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()  # "Writing model shards" for one small file is noise
-    try:
+    with no_progress_bars():  # "Writing model shards" for one small file is noise
         LlamaForCausalLM(config).save_pretrained(path)
-    finally:
-        if bar:
-            logging.enable_progress_bar()
     tok.save_pretrained(path)
     return Path(path)
