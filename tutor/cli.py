@@ -70,6 +70,8 @@ def _cmd_data_convert(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".jsonl":
         raise TutorError(f"{out}: the output must be a .jsonl file (one conversation per line)")
+    if out.resolve() == Path(args.input).resolve():
+        raise TutorError(f"{out} is the input file; write the conversion to another path")
     rows = [messages for _, messages in iter_conversations(args.input, args.format)]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -197,9 +199,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = train(args.config, args.set, resume=args.resume, deepspeed=args.deepspeed)
     m, rank = result.metrics, os.environ.get("RANK", "0")
     world = os.environ.get("WORLD_SIZE", "1")
-    print(  # tutor.launch reads this line from every rank
-        f"rank {rank}/{world} done: {result.global_step} steps in "
-        f"{m.get('train_runtime', 0):.0f} s, {m['trained_tok_s']:.0f} trained tok/s "
+    resumed = f" (after step {result.start_step}, now at {result.global_step})" \
+        if result.start_step else ""
+    print(  # tutor.launch reads this line from every rank; counts are this run's own
+        f"rank {rank}/{world} done: {result.global_step - result.start_step} steps in "
+        f"{m.get('train_runtime', 0):.0f} s{resumed}, {m['trained_tok_s']:.0f} trained tok/s "
         f"({m['all_tok_s']:.0f} all), mean loss {m.get('train_loss', float('nan')):.4f}, "
         f"optimizer holds {m['optimizer_bytes']} B; output in {result.output_dir}"
     )

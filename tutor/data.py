@@ -59,9 +59,6 @@ def load_conversations(path_or_dataset: Any, format: str = "auto") -> datasets.D
     import datasets
 
     rows = [messages for _, messages in iter_conversations(path_or_dataset, format)]
-    if not rows:
-        name = path_or_dataset if isinstance(path_or_dataset, (str, Path)) else "the dataset"
-        raise TutorError(f"{name}: no records")
     return datasets.Dataset.from_dict({"messages": rows})
 
 
