@@ -46,20 +46,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tokenizer(name: str):
-    """Only the tokenizer of a model (bundled name, directory or hub id): data commands
-    need no weights."""
-    from transformers import AutoTokenizer
-
-    from tutor.models import resolve
-
-    try:
-        return AutoTokenizer.from_pretrained(resolve(name))
-    except OSError as exc:
-        raise TutorError(f"could not load the tokenizer of '{name}': "
-                         f"{str(exc).splitlines()[0]}") from exc
-
-
 def _cmd_data_convert(args: argparse.Namespace) -> int:
     import json
     import os
@@ -88,8 +74,9 @@ def _cmd_data_convert(args: argparse.Namespace) -> int:
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from tutor.datacheck import check_file, format_report
+    from tutor.models import load_tokenizer
 
-    report = check_file(args.file, _tokenizer(args.model), args.template, args.max_length,
+    report = check_file(args.file, load_tokenizer(args.model), args.template, args.max_length,
                         args.format)
     print(format_report(report))
     return 1 if report.errors else 0
@@ -98,9 +85,10 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 def _cmd_data_show(args: argparse.Namespace) -> int:
     from tutor.data import encode
     from tutor.formats import iter_conversations
+    from tutor.models import load_tokenizer
     from tutor.viz import ansi_legend, mask_ansi
 
-    tokenizer = _tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     print(ansi_legend(color))
     for i, (where, messages) in enumerate(iter_conversations(args.file, args.format)):

@@ -251,6 +251,17 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def load_tokenizer(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) -> Any:
+    """Only the tokenizer of a model (bundled name, directory or hub id): no weights."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve(name_or_path))
+    except OSError as exc:
+        raise TutorError(f"could not load the tokenizer of '{name_or_path}': "
+                         f"{str(exc).splitlines()[0]}") from exc
+
+
 def half_precision() -> str | None:
     """The half precision this machine computes in natively: "bf16", "fp16" or None.
 

@@ -310,6 +310,9 @@ def train(
     from tutor.measure import optimizer_held_bytes
 
     set_seed(cfg.train.seed)
+    from tutor.models import load_tokenizer
+
+    check_max_length(cfg, load_tokenizer(cfg.model))  # before the model loads and logs
     resume_from, start_step = resume_point(cfg.output_dir) if resume else (None, 0)
     precision = resolve_precision(cfg.train.precision)
     model, tokenizer = build_model(cfg, precision)
