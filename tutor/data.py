@@ -31,16 +31,16 @@ slow (non-"fast") tokenizers, which cannot report character offsets.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tutor.errors import TutorError
 from tutor.formats import Message, iter_conversations, validate_messages
+from tutor.models import no_progress_bars
 from tutor.templates import ChatTemplate, Segment, get_template
 
 if TYPE_CHECKING:
@@ -243,7 +243,7 @@ def encode_dataset(
     _check_options(max_length, train_on)
     kwargs = {"tokenizer": tokenizer, "template": template, "max_length": max_length,
               "train_on": train_on}
-    with _quiet_datasets():
+    with no_progress_bars("datasets"):  # small datasets encode in a blink
         encoded = dataset.map(
             _encode_row, fn_kwargs=kwargs, with_indices=True, num_proc=num_proc,
             remove_columns=dataset.column_names,
@@ -285,17 +285,3 @@ def _cache_file(dataset: datasets.Dataset, kwargs: dict[str, Any], cache_dir: st
     key = Hasher.hash([dataset._fingerprint, kwargs, step, __version__])
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     return str(Path(cache_dir) / f"{step}-{key}.arrow")
-
-
-@contextlib.contextmanager
-def _quiet_datasets() -> Iterator[None]:
-    """No progress bars: small datasets encode in a blink, and bars clutter notebooks."""
-    import datasets
-
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()

@@ -75,17 +75,26 @@ def quiet_offline_warnings() -> None:
 
 
 @contextlib.contextmanager
-def no_progress_bars() -> Iterator[None]:
-    """transformers' progress bars off inside the block (a 1-second load or save needs none)."""
-    from transformers.utils import logging as hf_logging
+def no_progress_bars(library: str = "transformers") -> Iterator[None]:
+    """`library`'s progress bars ("transformers" or "datasets") off inside the block: a
+    1-second load, save or encode needs none, and bars clutter notebooks."""
+    if library == "datasets":
+        import datasets as lib
 
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+        enabled, off, on = (lib.is_progress_bar_enabled, lib.disable_progress_bars,
+                            lib.enable_progress_bars)
+    else:
+        from transformers.utils import logging as lib
+
+        enabled, off, on = (lib.is_progress_bar_enabled, lib.disable_progress_bar,
+                            lib.enable_progress_bar)
+    was_enabled = enabled()
+    off()
     try:
         yield
     finally:
         if was_enabled:
-            hf_logging.enable_progress_bar()
+            on()
 
 
 def tutor_home() -> Path:
