@@ -260,3 +260,43 @@ def test_an_offline_hub_id_fails_at_once_in_one_line(tmp_path, name, hint):
                 env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)})
     one_line_error(out, f"'{name}' is no local directory, not in the Hugging Face cache, "
                    f"and the hub cannot be reached (offline); {hint}")
+
+
+# ---------------------------------------------------------------- the checks themselves
+
+
+def test_safetensors_checks_name_each_kind_of_damage(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from tutor.checkpoints import check_resumable, check_safetensors
+    from tutor.errors import TutorError
+
+    good = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)}, good)
+    size = good.stat().st_size
+    assert {k: v["shape"] for k, v in check_safetensors(good).items()} == {"a": [2, 3], "b": [4]}
+    damaged = f"{good}: damaged safetensors file"
+    with good.open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(TutorError, match=re.escape(
+            f"{damaged} (the header needs {size} bytes, the file has {size + 1}): "
+            "has trailing bytes")):
+        check_safetensors(good)
+    truncate(good, by=good.stat().st_size - 5)
+    with pytest.raises(TutorError, match=re.escape(
+            f"{damaged} (5 bytes, shorter than its 8-byte header length)")):
+        check_safetensors(good)
+    good.write_bytes((12).to_bytes(8, "little") + b"not json!!!!")
+    with pytest.raises(TutorError, match=re.escape(f"{damaged} (its header is not JSON: ")):
+        check_safetensors(good)
+
+    ckpt = tmp_path / "checkpoint-3"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text('{"global_step": 3}')
+    torch.save({"x": torch.zeros(3)}, ckpt / "optimizer.pt")
+    assert check_resumable(ckpt) == 3
+    truncate(ckpt / "optimizer.pt", by=10)
+    with pytest.raises(TutorError, match=re.escape(
+            f"{ckpt / 'optimizer.pt'}: damaged (not a complete torch archive)")):
+        check_resumable(ckpt)
