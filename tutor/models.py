@@ -244,7 +244,8 @@ def _hub_or_cache(repo_id: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub accepts a TCP connection (False if HF_HUB_OFFLINE is set)."""
+    """Whether the Hugging Face hub accepts a TCP connection (False if HF_HUB_OFFLINE is set,
+    True behind an HTTPS proxy, which this probe cannot see past)."""
     import socket
     from urllib.parse import urlsplit
 
@@ -252,6 +253,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
     if constants.HF_HUB_OFFLINE:
         return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # only the proxy knows; let huggingface_hub go through it as usual
     url = urlsplit(constants.ENDPOINT)
     try:
         with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
