@@ -82,6 +82,11 @@ def test_the_cli_done_line_is_what_run_local_reads(tmp_path, capsys, monkeypatch
     assert report is not None and condense(line) == line
     assert (report.rank, report.world, report.steps, report.mean_loss,
             report.optimizer_bytes) == (1, 2, 12, 9.75, 19318680)
+    result.start_step = 4  # resumed: the line counts only the steps this run did
+    assert main(["train", "whatever.yaml"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("rank 1/2 done: 8 steps in 8 s (after step 4, now at 12), ")
+    assert _rank_report(line).steps == 8
 
 
 def test_condense_keeps_losses_results_and_errors():
