@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from tutor.errors import TutorError
 from tutor.formats import Message, iter_conversations, validate_messages
-from tutor.models import no_progress_bars
+from tutor.quiet import no_progress_bars
 from tutor.templates import ChatTemplate, Segment, get_template
 
 if TYPE_CHECKING:

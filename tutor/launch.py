@@ -271,7 +271,8 @@ def tiny_llama(path: str | os.PathLike[str], hidden: int = 64, layers: int = 2,
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from tutor.models import ensure_bundled, no_progress_bars
+    from tutor.models import ensure_bundled
+    from tutor.quiet import no_progress_bars
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(ensure_bundled())

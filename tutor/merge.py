@@ -283,7 +283,8 @@ def merge(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tutor.models import load, no_progress_bars
+    from tutor.models import load
+    from tutor.quiet import no_progress_bars
 
     adapter = Path(adapter)
     check_adapter_dir(adapter)

