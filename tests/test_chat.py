@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from tiny_lora import tiny_base, train_checkpoint
@@ -205,6 +206,18 @@ def test_chat_rejects_bad_flags(bad):
     assert out.returncode == 2 and "invalid" in out.stderr
 
 
+def wait_until_reading(pid: int, timeout: float = 120.0) -> None:
+    """Return once the main thread of `pid` sleeps in select/poll, i.e. readline waits for
+    a key. Linux: the kernel names where a sleeping thread waits in /proc/PID/wchan."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+        if "poll" in wchan or "select" in wchan:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} never waited for input (wchan: {wchan!r})")
+
+
 def test_ctrl_c_at_the_prompt_ends_the_chat_cleanly(tmp_path):
     import pexpect
 
@@ -219,8 +232,8 @@ def test_ctrl_c_at_the_prompt_ends_the_chat_cleanly(tmp_path):
     child.expect(">>> ")
     # The prompt is written before readline blocks in select(); a Ctrl-C that lands in
     # between is handled only at the next keypress (CPython's readline). A person never
-    # types that fast; on a loaded CI machine the test did. Let the child reach select().
-    time.sleep(1.0)
+    # types that fast; on a loaded CI machine the test did. Wait until it reads.
+    wait_until_reading(child.pid)
     child.sendintr()
     child.expect(pexpect.EOF)
     child.close()

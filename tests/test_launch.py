@@ -82,9 +82,15 @@ def test_the_cli_rank_report_is_what_run_local_reads(tmp_path, capsys, monkeypat
     assert line.startswith("rank 1/2 done: 12 steps") and condense(line) == line
     assert [p.name for p in (tmp_path / "reports").iterdir()] == ["rank-1.json"]
     assert read_rank_reports(tmp_path / "reports") == {1: RankReport(1, 2, 12, 9.75, 19318680)}
-    monkeypatch.delenv(REPORT_DIR_ENV)  # no launcher asked: nothing is written
+    result.start_step = 4  # resumed: the report counts only the steps this run did
     assert main(["train", "whatever.yaml"]) == 0
-    assert [p.name for p in (tmp_path / "reports").iterdir()] == ["rank-1.json"]
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("rank 1/2 done: 8 steps in 8 s (after step 4, now at 12), ")
+    assert read_rank_reports(tmp_path / "reports")[1].steps == 8
+    monkeypatch.delenv(REPORT_DIR_ENV)  # no launcher asked: nothing is written
+    (tmp_path / "reports" / "rank-1.json").unlink()
+    assert main(["train", "whatever.yaml"]) == 0
+    assert list((tmp_path / "reports").iterdir()) == []
 
 
 def test_condense_keeps_losses_results_and_errors():
@@ -101,14 +107,93 @@ def test_a_bad_recipe_fails_before_anything_is_launched(tmp_path):
         run_local(bad, echo=None)
 
 
-def test_timeout_kills_the_launcher_and_its_ranks(tmp_path):
+# Each rank of the launches below starts a session of its own (as torchrun's ranks do) and
+# a grandchild in yet another session, writes both PIDs into RANK_PIDS, then prints a line
+# every 0.1 s forever: the ranks never reach `tutor train`, so only the killing is tested.
+SITECUSTOMIZE = """
+import os, subprocess, sys, time
+if "TORCHELASTIC_RUN_ID" in os.environ and "LOCAL_RANK" in os.environ:
+    if os.getsid(0) != os.getpid():
+        os.setsid()
+    env = {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"}  # not a rank itself
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                             env=env, start_new_session=True)
+    folder = os.environ["RANK_PIDS"]
+    with open(os.path.join(folder, f".{os.getpid()}"), "w") as f:
+        f.write(f"{os.getpid()} {child.pid}")
+    os.replace(os.path.join(folder, f".{os.getpid()}"), os.path.join(folder, str(os.getpid())))
+    while True:
+        print("rank", os.environ["LOCAL_RANK"], "holding", flush=True)
+        time.sleep(0.1)
+"""
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for its new parent to reap it is not)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture
+def hanging_ranks(tmp_path, monkeypatch):
+    """(recipe, folder where each rank leaves "pid grandchild-pid", a clock for run_local
+    whose `when_ready` is called once both ranks have reported)."""
+    from types import SimpleNamespace
+
+    import tutor.launch
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    monkeypatch.setenv("RANK_PIDS", str(pids))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(site), os.environ.get("PYTHONPATH")) if p))
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model: smollm2-135m-instruct\noutput_dir: {tmp_path / 'out'}\n"
                    "data: {datasets: [{path: data/assistant.jsonl}]}\n")
+    clock = SimpleNamespace(when_ready=lambda: 0.0)
+
+    def perf_counter() -> float:  # run_local's clock; it reads it on every line
+        ready = len([p for p in pids.iterdir() if not p.name.startswith(".")]) == 2
+        return time.perf_counter() + (clock.when_ready() if ready else 0.0)
+
+    monkeypatch.setattr(tutor.launch, "time", SimpleNamespace(
+        perf_counter=perf_counter, monotonic=time.monotonic, sleep=time.sleep))
+    return cfg, pids, clock
+
+
+def reported(pids) -> list[int]:
+    return [int(n) for f in pids.iterdir() if not f.name.startswith(".")
+            for n in f.read_text().split()]
+
+
+def test_timeout_kills_the_launcher_and_every_rank_in_its_own_session(hanging_ranks):
+    cfg, pids, clock = hanging_ranks
+    clock.when_ready = lambda: 1e6  # both ranks up: from now on the timeout has passed
     shown: list[str] = []
-    start = time.perf_counter()
-    result = run_local(cfg, timeout=2, echo=shown.append)
-    assert result.returncode == -9 and shown[-1] == "killed after 2 s"
-    assert time.perf_counter() - start < 30 and result.ranks == {} and result.losses == []
-    with pytest.raises(ProcessLookupError):  # no process of its group is left
-        os.killpg(result.pid, 0)
+    result = run_local(cfg, timeout=300, echo=shown.append, deepspeed=None)
+    assert result.returncode == -9 and shown[-1] == "killed after 300 s"
+    assert result.ranks == {} and result.losses == []
+    everyone = reported(pids)
+    assert len(everyone) == 4  # two ranks, each with its grandchild
+    assert [pid for pid in [result.pid, *everyone] if alive(pid)] == []
+
+
+def test_ctrl_c_during_a_launch_leaves_no_process_behind(hanging_ranks):
+    cfg, pids, clock = hanging_ranks
+
+    def interrupt() -> float:
+        raise KeyboardInterrupt  # as Ctrl-C would, inside run_local's loop
+
+    clock.when_ready = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        run_local(cfg, timeout=300, echo=None, deepspeed=None)
+    everyone = reported(pids)
+    assert len(everyone) == 4
+    assert [pid for pid in everyone if alive(pid)] == []

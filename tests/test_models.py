@@ -7,14 +7,33 @@ from pathlib import Path
 
 import pytest
 
-from tutor import models
+from tutor import hub, models
 from tutor.errors import TutorError
 
 PARIS_Q = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def test_hub_id_passes_through():
+def test_hub_id_passes_through_when_the_hub_answers(monkeypatch):
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
     assert models.resolve("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def test_offline_hub_id_is_its_cached_snapshot_or_an_immediate_error(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--org--cached"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    assert models.resolve("org/cached") == str(repo / "snapshots" / "abc123")
+    with pytest.raises(TutorError, match=r"^'org/typo' is no local directory, not in the "
+                       r"Hugging Face cache, and the hub cannot be reached \(offline\); use a "
+                       "local directory or the bundled 'smollm2-135m-instruct'$"):
+        models.resolve("org/typo")
+    with pytest.raises(TutorError, match=r"did you mean 'smollm2-135m-instruct'\?$"):
+        models.resolve("smollm2-135m-instuct")
 
 
 def test_missing_local_dir_names_the_path(tmp_path):

@@ -192,6 +192,15 @@ class MetricsCallback(TrainerCallback):
         self.cfg = cfg
         self.path = Path(cfg.output_dir) / METRICS_FILE
 
+    def on_train_begin(self, args, state, control, **kw):
+        # Resumed at step N: the lines a lost run wrote after its checkpoint N are redone
+        # now, so drop them; the file then holds each step once.
+        if state.is_world_process_zero and state.global_step > 0 and self.path.is_file():
+            lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+            kept = [line for line in lines
+                    if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
+            atomic_write(self.path, "".join(kept))
+
     def on_log(self, args, state, control, logs=None, **kw):
         if state.is_world_process_zero and logs:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -47,20 +47,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tokenizer(name: str):
-    """Only the tokenizer of a model (bundled name, directory or hub id): data commands
-    need no weights."""
-    from transformers import AutoTokenizer
-
-    from tutor.models import resolve
-
-    try:
-        return AutoTokenizer.from_pretrained(resolve(name))
-    except OSError as exc:
-        raise TutorError(f"could not load the tokenizer of '{name}': "
-                         f"{str(exc).splitlines()[0]}") from exc
-
-
 def _cmd_data_convert(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -71,6 +57,8 @@ def _cmd_data_convert(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".jsonl":
         raise TutorError(f"{out}: the output must be a .jsonl file (one conversation per line)")
+    if out.resolve() == Path(args.input).resolve():
+        raise TutorError(f"{out} is the input file; write the conversion to another path")
     rows = [messages for _, messages in iter_conversations(args.input, args.format)]
     with atomic_file(out) as tmp, tmp.open("w", encoding="utf-8") as f:
         for messages in rows:
@@ -81,8 +69,9 @@ def _cmd_data_convert(args: argparse.Namespace) -> int:
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from tutor.datacheck import check_file, format_report
+    from tutor.models import load_tokenizer
 
-    report = check_file(args.file, _tokenizer(args.model), args.template, args.max_length,
+    report = check_file(args.file, load_tokenizer(args.model), args.template, args.max_length,
                         args.format)
     print(format_report(report))
     return 1 if report.errors else 0
@@ -92,9 +81,10 @@ def _cmd_data_show(args: argparse.Namespace) -> int:
     from tutor.common import IGNORE_INDEX
     from tutor.data import encode
     from tutor.formats import iter_conversations
+    from tutor.models import load_tokenizer
     from tutor.viz import ansi_legend, mask_ansi
 
-    tokenizer = _tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     print(ansi_legend(color))
     for i, (where, messages) in enumerate(iter_conversations(args.file, args.format)):
@@ -197,13 +187,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     m, rank = result.metrics, os.environ.get("RANK", "0")
     world = os.environ.get("WORLD_SIZE", "1")
     mean_loss = m.get("train_loss", float("nan"))
+    steps = result.global_step - result.start_step  # this run's own (a resume starts later)
+    resumed = f" (after step {result.start_step}, now at {result.global_step})" \
+        if result.start_step else ""
     print(
-        f"rank {rank}/{world} done: {result.global_step} steps in "
-        f"{m.get('train_runtime', 0):.0f} s, {m['trained_tok_s']:.0f} trained tok/s "
+        f"rank {rank}/{world} done: {steps} steps in "
+        f"{m.get('train_runtime', 0):.0f} s{resumed}, {m['trained_tok_s']:.0f} trained tok/s "
         f"({m['all_tok_s']:.0f} all), mean loss {mean_loss:.4f}, "
         f"optimizer holds {m['optimizer_bytes']} B; output in {result.output_dir}"
     )
-    write_rank_report(result.global_step, mean_loss, m["optimizer_bytes"])  # for tutor.launch
+    write_rank_report(steps, mean_loss, m["optimizer_bytes"])  # for tutor.launch
     return 0
 
 

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from tutor.common import IGNORE_INDEX, Message, Sample
 from tutor.errors import TutorError
 from tutor.formats import iter_conversations, validate_messages
+from tutor.quiet import no_progress_bars
 from tutor.templates import ChatTemplate, Segment, get_template
 
 if TYPE_CHECKING:
@@ -57,9 +58,6 @@ def load_conversations(path_or_dataset: Any, format: str = "auto") -> datasets.D
     import datasets
 
     rows = [messages for _, messages in iter_conversations(path_or_dataset, format)]
-    if not rows:
-        name = path_or_dataset if isinstance(path_or_dataset, (str, Path)) else "the dataset"
-        raise TutorError(f"{name}: no records")
     return datasets.Dataset.from_dict({"messages": rows})
 
 
@@ -244,9 +242,7 @@ def encode_dataset(
     _check_options(max_length, train_on)
     kwargs = {"tokenizer": tokenizer, "template": template, "max_length": max_length,
               "train_on": train_on}
-    from tutor.models import no_progress_bars
-
-    with no_progress_bars():
+    with no_progress_bars("datasets"):  # small datasets encode in a blink
         encoded = dataset.map(
             _encode_row, fn_kwargs=kwargs, with_indices=True, num_proc=num_proc,
             remove_columns=dataset.column_names,

@@ -163,7 +163,8 @@ def validate_messages(messages: Any, where: str = "messages") -> list[Message]:
 def read_records(path: str | Path, strict: bool = True) -> Iterator[tuple[str, Any]]:
     """Yield ``("file:line", record)`` for every record of a .jsonl, .json or .csv file.
 
-    Blank JSONL lines are skipped. For CSV the line is where the row starts (a quoted
+    UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8" writes one) is read
+    the same. Blank JSONL lines are skipped. For CSV the line is where the row starts (a quoted
     field may span several lines). With ``strict=False`` a broken JSONL line or CSV row
     is yielded as ``(where, TutorError)`` and reading goes on (a JSON array cannot be
     resynchronised after a syntax error, so it always raises).
@@ -175,7 +176,7 @@ def read_records(path: str | Path, strict: bool = True) -> Iterator[tuple[str, A
     if not path.is_file():
         raise TutorError(f"{path}: no such file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: drops a leading BOM
     except UnicodeDecodeError as exc:
         raise TutorError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     if path.suffix == ".jsonl":
@@ -248,17 +249,23 @@ def iter_conversations(source: Any, format: str = "auto") -> Iterator[tuple[str,
     """Yield ``(where, messages)`` for a file path or a `datasets.Dataset`.
 
     With ``format="auto"`` the format is detected from the first record and every later
-    record must match it (a mixed file fails on the first record that does not).
+    record must match it (a mixed file fails on the first record that does not). A
+    source without any record is a `TutorError` once it is read to the end.
     """
     if format != "auto" and format not in FORMATS:
         raise TutorError(f"unknown format '{format}'; use auto or one of {', '.join(FORMATS)}")
     fmt = None if format == "auto" else format
+    empty = True
     for where, record in _records(source):
+        empty = False
         if not isinstance(record, Mapping):
             raise TutorError(f"{where}: expected a JSON object, got {type(record).__name__}")
         if fmt is None:
             fmt = detect_format(record, where)
         yield where, to_messages(record, fmt, where)
+    if empty:
+        name = source if isinstance(source, (str, Path)) else "the dataset"
+        raise TutorError(f"{name}: no records")
 
 
 def _records(source: Any) -> Iterator[tuple[str, Any]]:

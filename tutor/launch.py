@@ -21,6 +21,7 @@ other; the multi-node commands are built here but cannot be run on a single mach
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,7 @@ from tutor.errors import TutorError
 
 REPORT_DIR_ENV = "TUTOR_RANK_REPORT_DIR"  # set by run_local: where ranks write rank-R.json
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # what child processes must import
+LAUNCH_ID = "TUTOR_LAUNCH_ID"  # environment variable marking every process of one run_local
 
 
 def _tail(deepspeed: str | None, overrides: Sequence[str]) -> list[str]:
@@ -130,8 +133,9 @@ def run_local(config: str | os.PathLike[str], *, nproc: int = 2, deepspeed: str 
               echo: Callable[[str], None] | None = print) -> LaunchResult:
     """Run ``torchrun --standalone --nproc_per_node nproc -m tutor train config`` here.
 
-    Streams `condense`d lines to `echo` while it runs; after `timeout` seconds the whole
-    process group is killed. The recipe is validated first (a bad key fails here, not in
+    Streams `condense`d lines to `echo` while it runs; after `timeout` seconds, or when
+    interrupted (Ctrl-C), the launcher and every process it started are killed (`_kill`).
+    The recipe is validated first (a bad key fails here, not in
     `nproc` processes). Losses are read from the lines rank 0 appended to metrics.jsonl.
     """
     from tutor.train_config import load_config
@@ -141,23 +145,29 @@ def run_local(config: str | os.PathLike[str], *, nproc: int = 2, deepspeed: str 
     start_at = metrics.stat().st_size if metrics.is_file() else 0
     cmd = torchrun_command(config, nproc=nproc, deepspeed=deepspeed, overrides=overrides,
                            python=sys.executable)
+    launch_id = uuid.uuid4().hex  # inherited by every process of this launch: see _kill
     with tempfile.TemporaryDirectory(prefix="tutor-ranks-") as reports:
-        env = {**os.environ, REPORT_DIR_ENV: reports, "PYTHONPATH": os.pathsep.join(
-            p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)}
-        pid, returncode, wall, log = _run(cmd, env, timeout, echo)
+        env = {**os.environ, LAUNCH_ID: launch_id, REPORT_DIR_ENV: reports,
+               "PYTHONPATH": os.pathsep.join(
+                   p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)}
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1, start_new_session=True)
+        try:
+            returncode, log = _follow(proc, start, timeout, echo)
+        finally:  # finished, timed out, Ctrl-C or an error: nothing of this launch stays running
+            _kill(proc, launch_id)
         ranks = read_rank_reports(reports)
-    return LaunchResult(cmd, pid, returncode, wall, ranks, _losses(metrics, start_at), log)
+    if returncode == -9 and echo:
+        echo(f"killed after {timeout:.0f} s")
+    wall = time.perf_counter() - start
+    return LaunchResult(cmd, proc.pid, returncode, wall, ranks, _losses(metrics, start_at), log)
 
 
-def _run(cmd: list[str], env: dict[str, str], timeout: float,
-         echo: Callable[[str], None] | None) -> tuple[int, int, float, list[str]]:
-    """Run `cmd` in a session of its own, echoing `condense`d lines, killed after `timeout`.
-
-    Returns (launcher pid, return code (-9 when killed), wall seconds, every line printed).
-    """
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1, start_new_session=True)
+def _follow(proc: subprocess.Popen, start: float, timeout: float,
+            echo: Callable[[str], None] | None) -> tuple[int, list[str]]:
+    """Collect the launcher's output lines until it exits (its return code) or `timeout`
+    seconds after `start` pass (-9: the caller kills it)."""
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=_pump, args=(proc, lines), daemon=True).start()
     log: list[str] = []
@@ -169,19 +179,75 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float,
                 raise queue.Empty
             line = lines.get(timeout=left)
         except queue.Empty:  # out of time
-            returncode = _kill(proc, timeout, echo)
-            break
+            return -9, log
         if line is None:  # the pipe closed: the launcher is exiting
             try:
-                returncode = proc.wait(timeout=max(left, 1))
+                return proc.wait(timeout=max(left, 1)), log
             except subprocess.TimeoutExpired:
-                returncode = _kill(proc, timeout, echo)
-            break
+                return -9, log
         log.append(line)
         shown = condense(line)
         if echo and shown:
             echo(shown)
-    return proc.pid, returncode, time.perf_counter() - start, log
+    return returncode, log
+
+
+def _kill(proc: subprocess.Popen, launch_id: str, grace: float = 10.0) -> None:
+    """SIGKILL the launcher (if still running) and every process of its launch, whatever
+    session it is in.
+
+    Killing the launcher's process group is not enough: torchrun starts each rank with
+    ``start_new_session=True``, and a killed launcher's ranks live on under init. So the
+    launcher's descendants are listed while it still holds them, and afterwards every
+    process whose environment carries this launch's `LAUNCH_ID` is swept up as well
+    (a rank's own children, one started while we listed). Returns once none is left
+    running (a zombie awaiting its new parent counts as gone) or `grace` seconds pass.
+    """
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # first the launcher: it starts no rank again
+    proc.wait()
+    deadline = time.monotonic() + grace
+    while True:
+        alive = [p for p in [*tree, *_launched(launch_id)] if _running(p)]
+        if not alive or time.monotonic() > deadline:
+            return
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        time.sleep(0.05)
+
+
+def _launched(launch_id: str) -> list:
+    """The processes (psutil) whose environment holds ``LAUNCH_ID=launch_id``."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):  # gone, a zombie, or another user's
+            if p.environ().get(LAUNCH_ID) == launch_id:
+                found.append(p)
+    return found
+
+
+def _running(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _pump(proc: subprocess.Popen, lines: queue.Queue) -> None:
+    for line in proc.stdout:
+        lines.put(line.rstrip("\n"))
+    lines.put(None)
 
 
 def write_rank_report(steps: int, mean_loss: float, optimizer_bytes: int) -> Path | None:
@@ -205,20 +271,6 @@ def read_rank_reports(folder: str | os.PathLike[str]) -> dict[int, RankReport]:
     return {r.rank: r for r in reports}
 
 
-def _kill(proc: subprocess.Popen, timeout: float, echo: Callable[[str], None] | None) -> int:
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started
-    proc.wait()
-    if echo:
-        echo(f"killed after {timeout:.0f} s")
-    return -9
-
-
-def _pump(proc: subprocess.Popen, lines: queue.Queue) -> None:
-    for line in proc.stdout:
-        lines.put(line.rstrip("\n"))
-    lines.put(None)
-
-
 def _losses(metrics: Path, offset: int) -> list[float]:
     if not metrics.is_file():
         return []
@@ -226,3 +278,4 @@ def _losses(metrics: Path, offset: int) -> list[float]:
         f.seek(offset)
         rows = [json.loads(line) for line in f if line.strip()]
     return [row["loss"] for row in rows if "loss" in row]
+

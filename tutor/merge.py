@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from dataclasses import asdict, dataclass
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tutor.common import CONFIG_FILE, atomic_dir
-from tutor.errors import TutorError
+from tutor.errors import TutorError, warn
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -50,9 +51,15 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+def adapter_bytes(path: Path) -> int:
+    """Size of the adapter itself (`ADAPTER_FILES`), not of whatever else is in its folder
+    (a checkpoint holds optimizer state, an output dir nested checkpoints)."""
+    return sum((Path(path) / name).stat().st_size for name in ADAPTER_FILES)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
+    try:  # utf-8-sig: a file saved by an editor that writes a BOM reads the same
+        return json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise TutorError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
 
@@ -75,7 +82,10 @@ def train_config(checkpoint: Path) -> dict[str, Any]:
 
 
 def check_adapter_dir(path: Path) -> dict[str, Any]:
-    """Raise `TutorError` unless `path` holds a peft adapter; return its adapter_config."""
+    """Raise `TutorError` unless `path` holds a complete peft adapter whose config matches
+    its weights; return its adapter_config."""
+    from tutor.checkpoints import check_safetensors
+
     path = Path(path)
     missing = [f for f in ADAPTER_FILES if not (path / f).is_file()]
     if missing:
@@ -84,7 +94,27 @@ def check_adapter_dir(path: Path) -> dict[str, Any]:
             + (" (pickled adapter_model.bin is not read: re-save with safetensors)"
                if (path / "adapter_model.bin").exists() else "")
         )
-    return _read_json(path / "adapter_config.json")
+    config = _read_json(path / "adapter_config.json")
+    header = check_safetensors(path / "adapter_model.safetensors")
+    _check_rank(path, config, {k: v["shape"] for k, v in header.items()})
+    return config
+
+
+def _check_rank(path: Path, config: dict[str, Any], shapes: dict[str, list[int]]) -> None:
+    """The rank in adapter_config.json (`r`, or its `rank_pattern` entry, matched as peft
+    matches it) must be the rank of each LoRA weight: A is (r, in), B is (out, r)."""
+    pattern = config.get("rank_pattern") or {}
+    for key, shape in shapes.items():
+        if ".lora_A." not in key and ".lora_B." not in key:
+            continue
+        module = key.split(".lora_")[0]
+        expect = next((r for p, r in pattern.items() if re.match(rf"(.*\.)?({p})$", module)),
+                      config.get("r"))
+        got = shape[0] if ".lora_A." in key else shape[1]
+        if got != expect:
+            raise TutorError(f"{path}: adapter_config.json says r={expect} but '{key}' has "
+                             f"rank {got} (shape {list(shape)}): the config does not belong "
+                             "to these weights; restore the adapter_config.json saved with them")
 
 
 def convert_checkpoint(
@@ -132,23 +162,28 @@ def recorded(path: str | Path, key: str) -> Any:
     return None
 
 
-def check_compatible(base: PreTrainedModel, adapter_dir: Path, base_name: str) -> None:
-    """Refuse an adapter made for another base: by recorded name, then by tensor shapes."""
-    from safetensors import safe_open
-
+def _other_base(adapter_dir: Path, base_name: str) -> str | None:
+    """The base recorded for the adapter (tutor's metadata, else peft's) when it is not
+    `base_name`, else None."""
     from tutor.models import resolve
 
-    wanted = recorded(adapter_dir, "base_model")
-    if wanted and wanted != base_name and Path(str(wanted)).name != Path(base_name).name:
-        try:
-            same = resolve(wanted) == resolve(base_name)
-        except TutorError:
-            same = False
-        if not same:
-            raise TutorError(
-                f"{adapter_dir} was trained on base '{wanted}', not '{base_name}'; "
-                "merge it into the base it was trained on"
-            )
+    wanted = recorded(adapter_dir, "base_model") or _read_json(
+        adapter_dir / "adapter_config.json").get("base_model_name_or_path")
+    if not wanted or wanted == base_name or Path(str(wanted)).name == Path(base_name).name:
+        return None
+    try:
+        return None if resolve(wanted) == resolve(base_name) else str(wanted)
+    except TutorError:
+        return str(wanted)
+
+
+def check_compatible(base: PreTrainedModel, adapter_dir: Path, base_name: str) -> None:
+    """Refuse an adapter whose tensor shapes do not fit `base`; warn (one line) when the
+    shapes fit but the adapter records another base model."""
+    from safetensors import safe_open
+
+    wanted = _other_base(adapter_dir, base_name)
+    trained_on = f"; it was trained on base '{wanted}', not '{base_name}'" if wanted else ""
     modules = dict(base.named_modules())
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as f:
         for key in f.keys():
@@ -159,14 +194,18 @@ def check_compatible(base: PreTrainedModel, adapter_dir: Path, base_name: str) -
             shape = tuple(f.get_slice(key).get_shape())
             if module is None or not hasattr(module, "in_features"):
                 raise TutorError(f"{adapter_dir}: adapter targets '{name}', which the base "
-                                 f"'{base_name}' has no linear layer for")
+                                 f"'{base_name}' has no linear layer for{trained_on}")
             expect = module.in_features if ".lora_A." in key else module.out_features
             got = shape[1] if ".lora_A." in key else shape[0]
             if got != expect:
                 raise TutorError(
                     f"{adapter_dir}: '{key}' has shape {list(shape)} but base "
-                    f"'{base_name}' layer '{name}' needs {expect} there: wrong base model"
+                    f"'{base_name}' layer '{name}' needs {expect} there: wrong base "
+                    f"model{trained_on}"
                 )
+    if wanted:
+        warn(f"{adapter_dir} was trained on base '{wanted}', not '{base_name}'; the shapes "
+             "fit, so it is used anyway (the result is meaningful only on its own base)")
 
 
 def probe_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Any:
@@ -215,7 +254,8 @@ def merge(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tutor.models import load, no_progress_bars
+    from tutor.models import load
+    from tutor.quiet import no_progress_bars
 
     adapter = Path(adapter)
     check_adapter_dir(adapter)
@@ -241,7 +281,7 @@ def merge(
         if not diff <= TOLERANCE[dtype]:
             raise TutorError(f"merged logits differ from base+adapter by {diff:.3g} > "
                              f"{TOLERANCE[dtype]} ({dtype}); OUT was not written")
-        report = MergeReport(str(out), dtype, diff, TOLERANCE[dtype], dir_bytes(adapter),
+        report = MergeReport(str(out), dtype, diff, TOLERANCE[dtype], adapter_bytes(adapter),
                              0, template)
         meta = {k: v for k, v in asdict(report).items() if k != "merged_bytes"}
         meta.update(base_model=base, adapter=str(adapter.resolve()))

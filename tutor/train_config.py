@@ -17,11 +17,13 @@ across files.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import shutil
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -112,6 +114,38 @@ class TrainConfig:
     deepspeed: str | None = None  # zero1|zero2|zero3|zero2_offload|zero3_offload or a JSON path
 
 
+# What each number must satisfy, checked as it is read (so before anything is written):
+# key -> (test, what the message says it must be). Defaults satisfy them all.
+Range = tuple[Callable[[Any], bool], str]
+POSITIVE: Range = (lambda v: v > 0 and math.isfinite(v), "> 0")
+AT_LEAST_1: Range = (lambda v: v >= 1, ">= 1")
+NON_NEGATIVE: Range = (lambda v: v >= 0, ">= 0")
+RANGES: dict[type, dict[str, Range]] = {
+    LoraSection: {"r": AT_LEAST_1, "alpha": POSITIVE,
+                  "dropout": (lambda v: 0 <= v < 1, ">= 0 and < 1")},
+    DatasetSpec: {"weight": POSITIVE},
+    DataSection: {"max_length": (lambda v: v >= 2, ">= 2 (an input and a target; the "
+                                 "template needs more, checked with the tokenizer)")},
+    OptimSection: {"epochs": POSITIVE, "batch_size": AT_LEAST_1, "grad_accum": AT_LEAST_1,
+                   "lr": POSITIVE, "max_steps": (lambda v: v == -1 or v >= 1, "-1 or >= 1"),
+                   "warmup_ratio": (lambda v: 0 <= v < 1, ">= 0 and < 1"),
+                   "weight_decay": NON_NEGATIVE, "max_grad_norm": NON_NEGATIVE,
+                   "logging_steps": AT_LEAST_1},
+    SaveSection: {"steps": NON_NEGATIVE, "total_limit": AT_LEAST_1},
+    EvaluationSection: {"every_n_steps": NON_NEGATIVE, "max_new_tokens": AT_LEAST_1},
+    TrainConfig: {"bits": (lambda v: v in (4, 8), "4, 8 or null")},
+}
+
+
+class RecipeError(TutorError):
+    """A bad recipe value; `key` is its path (``lora.r``), so callers can say where it
+    came from (the file or a ``--set``)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+
+
 # ---------------------------------------------------------------- YAML reading
 
 
@@ -167,7 +201,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     elif origin is Literal:
         if value in typing.get_args(tp):
             return value
-        raise TutorError(f"{path}: expected one of {_type_name(tp)}, got {value!r}")
+        raise RecipeError(path, f"expected one of {_type_name(tp)}, got {value!r}")
     elif origin is list:
         if isinstance(value, list):
             (item,) = typing.get_args(tp)
@@ -181,7 +215,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     elif isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
     got = "mapping" if isinstance(value, dict) else _type_name(type(value))
-    raise TutorError(f"{path}: expected {_type_name(tp)}, got {got} ({value!r})")
+    raise RecipeError(path, f"expected {_type_name(tp)}, got {got} ({value!r})")
 
 
 def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
@@ -191,8 +225,11 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     for key, value in raw.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            raise TutorError(f"{path}: unknown key (known: {', '.join(fields)})")
+            raise RecipeError(path, f"unknown key (known: {', '.join(fields)})")
         kwargs[key] = _convert(value, hints[key], path)
+        test, must = RANGES.get(cls, {}).get(key, (None, ""))
+        if test is not None and kwargs[key] is not None and not test(kwargs[key]):
+            raise RecipeError(path, f"must be {must}, got {value!r}")
     missing = [
         name
         for name, f in fields.items()
@@ -202,7 +239,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     ]
     if missing:
         where = f"{prefix}." if prefix else ""
-        raise TutorError(f"{where}{missing[0]}: required key is missing")
+        raise RecipeError(f"{where}{missing[0]}", "required key is missing")
     return cls(**kwargs)
 
 
@@ -223,15 +260,25 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
 def load_config(name_or_path: str | os.PathLike[str], overrides: list[str] = ()) -> TrainConfig:
     """Read a recipe (a name from `list_recipes()` or a YAML path), apply overrides, validate."""
     path = resolve_recipe(name_or_path)
-    raw = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    raw = parse_yaml(path.read_text(encoding="utf-8-sig"), str(path))
     if not isinstance(raw, dict):
         raise TutorError(f"{path}: a recipe must be a YAML mapping of keys to values")
     for assignment in overrides:
         apply_override(raw, assignment)
     try:
         return _build(TrainConfig, raw)
-    except TutorError as exc:
-        raise TutorError(f"{path}: {exc}") from None
+    except RecipeError as exc:
+        raise TutorError(f"{_source(exc.key, path, overrides)}: {exc}") from None
+
+
+def _source(key: str, path: Path, overrides: list[str]) -> str:
+    """Where the bad `key` came from: the last ``--set`` that wrote it (or a parent of
+    it), else the recipe file."""
+    for assignment in reversed(overrides):
+        target = assignment.partition("=")[0]
+        if key == target or key.startswith((f"{target}.", f"{target}[")):
+            return f"--set {assignment}"
+    return str(path)
 
 
 def config_from_dict(raw: dict[str, Any]) -> TrainConfig:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tutor.models import ensure_bundled, no_progress_bars
+from tutor.models import ensure_bundled
+from tutor.quiet import no_progress_bars
 
 
 def tiny_llama(path: str | os.PathLike[str], hidden: int = 64, layers: int = 2,
