@@ -1,8 +1,8 @@
 """Validation loss in training, the scorer (`tutor eval`) and the forgetting probe.
 
 Models are random 2-layer Llamas (hidden 64) with the bundled tokenizer; one of them is
-fully fine-tuned for a few dozen milliseconds-long steps to answer every question with a
-planted answer, so a keyword hit and a miss are known in advance.
+fully fine-tuned (60 tiny steps) to answer every question with a planted answer, so a
+keyword hit and a miss are known in advance.
 """
 
 from __future__ import annotations

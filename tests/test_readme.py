@@ -143,6 +143,11 @@ def check_tutor(args: list[str], world: World) -> None:
         need(ns.adapter is None or world.path_ok(ns.adapter), f"no adapter {ns.adapter}")
         need(ns.prompt_template in (None, "auto", *list_templates()),
              f"unknown template {ns.prompt_template}")
+    elif cmd == "eval":
+        need(world.model_ok(ns.model), f"unknown model {ns.model}")
+        need(ns.adapter is None or world.path_ok(ns.adapter), f"no adapter {ns.adapter}")
+        for f in ns.files:
+            need(world.path_ok(f), f"no file {f}")
     elif cmd == "memory":
         from tutor.memory import get_arch
 

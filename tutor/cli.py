@@ -304,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the bundled model and where it is cached")
     p.set_defaults(handler=_cmd_models)
 
-    p = sub.add_parser("demo", help="the main job: chat, QLoRA-train, convert, merge and chat "
-                       "again with the bundled model; timings and a transcript")
+    p = sub.add_parser("demo", help="the main job: score, QLoRA-train, convert, merge and score "
+                       "again the bundled model; timings and a transcript")
     p.add_argument("--out", default="work_dirs/demo", help="output directory (a previous "
                    "demo's is replaced; default: work_dirs/demo)")
     p.add_argument("--quick", action="store_true",

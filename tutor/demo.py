@@ -43,7 +43,8 @@ HELDOUT = PROJECT_ROOT / "data" / "assistant_heldout.jsonl"
 PROBE = PROJECT_ROOT / "data" / "general_probe.jsonl"
 # Words of the taught identity: in an answer to a probe question they are over-reach.
 IDENTITY = ("Pico", "Tutor Lab")
-QUICK_QUESTIONS = ["Who are you?", "What is the capital of France?"]
+QUICK_QUESTIONS = ["Who are you?", "What is the capital of France?",
+                   "Give me one tip for learning a new language."]
 MARKER = ".tutor-demo"  # OUT was made by the demo, so a rerun may replace it
 # Applied before the caller's overrides: the demo scores its own files before and after,
 # so the recipe's evaluation during training would only repeat that work.
