@@ -351,8 +351,10 @@ def train(
     for spec, report in zip(cfg.data.datasets, reports, strict=True):
         log.info("%s: %s", spec.path, report)
     validation, eval_collator, val_reports = build_dataset(cfg, tokenizer, attn, "validation")
-    for report in val_reports:
-        log.info("validation (data.validation=%s): %s", cfg.data.validation, report)
+    val = cfg.data.validation  # a fraction: one report per dataset; a file: one report
+    val_paths = [s.path for s in cfg.data.datasets] if isinstance(val, float) else [val]
+    for path, report in zip(val_paths[:len(val_reports)], val_reports, strict=True):
+        log.info("validation from %s: %s", path, report)
     args = training_arguments(cfg, precision, deepspeed, validate=validation is not None)
     throughput = ThroughputCallback(collator, model, resume_from)
     chat = EvaluateChatCallback(cfg, tokenizer)
