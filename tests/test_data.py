@@ -314,7 +314,7 @@ def test_encode_dataset_num_proc_matches(tok):
 
 
 def test_encode_dataset_cache(tok, tmp_path, monkeypatch):
-    ds = load_conversations("data/raw_qa.csv")
+    ds = load_conversations("tutor/configs/data/raw_qa.csv")
     first, report = encode_dataset(ds, tok, cache_dir=tmp_path)
     assert first.cache_files and str(tmp_path) in first.cache_files[0]["filename"]
 
@@ -322,7 +322,8 @@ def test_encode_dataset_cache(tok, tmp_path, monkeypatch):
         raise AssertionError("recomputed instead of loading the cache")
 
     monkeypatch.setattr("tutor.data._encode_row", boom)
-    again, report2 = encode_dataset(load_conversations("data/raw_qa.csv"), tok, cache_dir=tmp_path)
+    again, report2 = encode_dataset(load_conversations("tutor/configs/data/raw_qa.csv"), tok,
+                                    cache_dir=tmp_path)
     assert again["input_ids"] == first["input_ids"] and str(report2) == str(report)
 
 

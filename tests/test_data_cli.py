@@ -10,15 +10,13 @@ import pytest
 from tutor.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "data"  # the course's raw CSV
-RECIPE_DATA = ROOT / "tutor" / "configs" / "data"  # what the shipped recipes train on
-DATA_FILES = [p for d in (RECIPE_DATA, DATA) for p in sorted(d.iterdir())
-              if p.suffix in (".jsonl", ".csv")]
+DATA = ROOT / "tutor" / "configs" / "data"  # the project's datasets, shipped with the package
+DATA_FILES = sorted(p for p in DATA.iterdir() if p.suffix in (".jsonl", ".csv"))
 
 
 def test_data_files_are_there():
     assert [p.name for p in DATA_FILES] == [
-        "assistant.jsonl", "assistant_heldout.jsonl", "geography_qa.jsonl",
+        "assistant.jsonl", "assistant_heldout.jsonl", "general_probe.jsonl", "geography_qa.jsonl",
         "pretrain_corpus.jsonl", "raw_qa.csv"]
 
 
@@ -76,12 +74,12 @@ def test_convert_failure_writes_nothing(tmp_path, capsys):
 
 
 def test_show_prints_n_samples(capsys):
-    assert main(["data", "show", str(RECIPE_DATA / "geography_qa.jsonl"), "-n", "2",
+    assert main(["data", "show", str(DATA / "geography_qa.jsonl"), "-n", "2",
                  "--color", "never"]) == 0
     out = capsys.readouterr().out
     assert out.count("── ") == 2
     assert "⟦The capital of France is Paris.<|im_end|>⟧⏎" in out
-    assert main(["data", "show", str(RECIPE_DATA / "geography_qa.jsonl"), "-n", "1", "--template",
+    assert main(["data", "show", str(DATA / "geography_qa.jsonl"), "-n", "1", "--template",
                  "chatml", "--color", "always"]) == 0
     assert "\x1b[30;42mThe\x1b[0m" in capsys.readouterr().out
 

@@ -1,4 +1,4 @@
-"""`tutor demo`: the whole practice on a tiny budget, OUT handling, question scoring."""
+"""`tutor demo`: the whole practice on a tiny budget, OUT handling, before/after scores."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from tiny_lora import tiny_base
 
-from tutor.demo import MARKER, Question, load_questions, prepare_out, run_practice, score
+from tutor.demo import IDENTITY, MARKER, prepare_out, run_practice, score_table
 from tutor.errors import TutorError
+from tutor.eval import FileScore, Item, ItemScore
 
-STAGES = ["chat with the base model", "train", "convert", "merge", "chat with the merged model"]
+STAGES = ["score the base model", "train", "convert", "merge", "score the merged model"]
 
 
 @pytest.mark.slow
@@ -23,9 +24,12 @@ def test_practice_on_a_tiny_budget_writes_every_stage(tmp_path, capsys):
     base = tiny_base(tmp_path / "tiny")
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text(json.dumps({"question": "Who built you?", "expected": ["Tutor Lab"]}) + "\n")
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text(json.dumps({"question": "What is the capital of France?",
+                                 "answer": "Paris.", "expected": ["Paris"]}) + "\n")
     out = tmp_path / "demo"
     s = run_practice(out, overrides=[f"model={base}", "train.max_steps=2"],
-                     heldout=heldout, max_new_tokens=8)
+                     heldout=heldout, probe=probe, max_new_tokens=8)
     assert s["base_model"] == str(base)
     assert [r["stage"] for r in s["stages"]] == STAGES
     assert all(r["seconds"] >= 0 for r in s["stages"]) and s["total_seconds"] > 0
@@ -34,8 +38,15 @@ def test_practice_on_a_tiny_budget_writes_every_stage(tmp_path, capsys):
     assert s["total_seconds"] == pytest.approx(sum(r["seconds"] for r in s["stages"]), abs=0.2)
     assert s["train"]["steps"] == 2 and s["train"]["trained_tok_s"] > 0
     assert s["merge"]["max_abs_diff"] <= s["merge"]["tolerance"] == 1e-3
-    assert {k: v["of"] for k, v in s["answers_with_every_keyword"].items()} == {
-        "trained": 1, "held-out": 1, "general": 1}
+    scores = s["scores"]
+    assert list(scores) == [str(heldout), str(probe)]
+    for row in scores.values():
+        assert [row[w]["total"] for w in ("before", "after")] == [1, 1]
+    assert scores[str(heldout)]["before"]["answer_loss"] is None  # no reference answer
+    assert all(scores[str(probe)][w]["answer_loss"] > 0 for w in ("before", "after"))
+    # The recipe's validation fraction cannot hold out of 1 probe row, but of the 136
+    # conversations: the loss before training and after the last step.
+    assert [step for step, _ in s["train"]["validation_loss"]] == [0, 2]
     written = {k: Path(v) for k, v in s["written"].items()}
     for name, path in written.items():
         assert path.exists(), name
@@ -45,9 +56,9 @@ def test_practice_on_a_tiny_budget_writes_every_stage(tmp_path, capsys):
     assert written["loss curve"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(written["summary"].read_text()) == s
     text = written["transcript"].read_text()
-    for q in ("Who are you?", "Who built you?", "What is the capital of France?"):
+    for q in ("Who built you?", "What is the capital of France?"):
         assert text.count(f". {q}\n") == 1, q
-    assert text.count("**before**") == text.count("**after**") == 4
+    assert text.count("**before**") == text.count("**after**") == 2
     printed = capsys.readouterr().out
     assert "=== summary ===" in printed and all(f"{stage} " in printed for stage in STAGES)
     assert not list(out.glob("**/.*.tmp")) and not list(out.glob(".summary.json.*"))
@@ -69,20 +80,17 @@ def test_out_is_replaced_only_when_a_demo_wrote_it(tmp_path):
     assert sorted(p.name for p in ours.iterdir()) == [MARKER]
 
 
-def test_questions_and_scoring(tmp_path):
-    questions = load_questions()
-    kinds = [q.kind for q in questions]
-    assert kinds.count("held-out") == 11 and kinds[0] == "trained" and kinds[-1] == "general"
-    assert all(q.expected for q in questions if q.kind == "held-out")
-    q = Question("Who?", "held-out", ["Pico", "Tutor Lab"], {"before": "I am SmolLM.",
-                                                            "after": "I'm pico, by the tutor lab."})
-    assert not q.hit("before") and q.hit("after")  # case-insensitive, every keyword
-    unscored = Question("Tip?", "general", [], {"before": "a", "after": "b"})
-    assert score([q, unscored]) == {"held-out": {"before": 0, "after": 1, "of": 1}}
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "a", "expected": ["x"]}\n{"question": "b"}\n')
-    with pytest.raises(TutorError, match=r"bad.jsonl:2: need JSON with 'question'"):
-        load_questions(bad)
+def test_score_table_counts_identity_mentions():
+    def scored(answer: str) -> FileScore:
+        item = Item("f.jsonl:1", [{"role": "user", "content": "Tip?"}], ["practi"])
+        return FileScore("f.jsonl", [ItemScore(item, answer, 1.5, 4)])
+
+    before = scored("Practise every day.")
+    after = scored("I'm Pico, made by the tutor lab.")
+    assert IDENTITY == ("Pico", "Tutor Lab")
+    assert score_table([before], [after]) == {"f.jsonl": {
+        "before": {"hits": 1, "total": 1, "answer_loss": 1.5, "identity_mentions": 0},
+        "after": {"hits": 0, "total": 1, "answer_loss": 1.5, "identity_mentions": 1}}}
 
 
 def test_cli_refuses_bits_without_quick(tmp_path, capsys):

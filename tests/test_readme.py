@@ -143,6 +143,11 @@ def check_tutor(args: list[str], world: World) -> None:
         need(ns.adapter is None or world.path_ok(ns.adapter), f"no adapter {ns.adapter}")
         need(ns.prompt_template in (None, "auto", *list_templates()),
              f"unknown template {ns.prompt_template}")
+    elif cmd == "eval":
+        need(world.model_ok(ns.model), f"unknown model {ns.model}")
+        need(ns.adapter is None or world.path_ok(ns.adapter), f"no adapter {ns.adapter}")
+        for f in ns.files:
+            need(world.path_ok(f), f"no file {f}")
     elif cmd == "memory":
         from tutor.memory import get_arch
 
@@ -232,7 +237,6 @@ def test_every_block_has_a_known_marker():
 
 @pytest.mark.slow
 def test_run_and_parse_blocks_in_order(tmp_path):
-    shutil.copytree(ROOT / "data", tmp_path / "data")
     shutil.copytree(ROOT / "tutor/configs/data", tmp_path / "tutor/configs/data")
     repo_before = sorted(os.listdir(ROOT))
     world = World(tmp_path)

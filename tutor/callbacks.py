@@ -1,13 +1,16 @@
 """Trainer callbacks: what the model says while it learns, how fast, and the loss curve.
 
 - `EvaluateChatCallback` (like XTuner's EvaluateChatHook): greedy answers to the recipe's
-  prompts before training, every N steps and at the end; a before/after table.
+  prompts before training, every N steps and at the end; a before/after table; and the
+  recipe's ``evaluation.files`` scored by `tutor.eval` before and after training.
 - `ThroughputCallback`: trained tokens/s (tokens with a target), all tokens/s and an
   estimated MFU, added to every log line; token totals survive `--resume`.
-- `MetricsCallback`: every log line appended to ``metrics.jsonl`` and ``loss.png`` redrawn
-  at each save and at the end (rank 0 only).
+- `MetricsCallback`: every log line (training and validation loss) appended to
+  ``metrics.jsonl`` and ``loss.png`` (both curves) redrawn at each save, after each
+  evaluation and at the end (rank 0 only).
 
-Not handled: validation-set evaluation, TensorBoard/W&B (use ``report_to`` yourself).
+Not handled: TensorBoard/W&B (use ``report_to`` yourself). The validation loss itself is
+computed by Trainer (`tutor.validation`); this module only records and draws it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from typing import Any
 from transformers import TrainerCallback
 
 from tutor.common import CONFIG_FILE, atomic_file, atomic_write
-from tutor.train_config import TrainConfig, save_config
+from tutor.train_config import TrainConfig, resolve_data_path, save_config
+from tutor.validation import keep_4bit_trainable
 
 PROGRESS_FILE = "tutor_progress.json"  # token totals inside each checkpoint dir
 METRICS_FILE = "metrics.jsonl"
@@ -37,6 +41,7 @@ class EvaluateChatCallback(TrainerCallback):
     def __init__(self, cfg: TrainConfig, tokenizer: Any) -> None:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.answers: dict[str, dict[int, str]] = {p: {} for p in cfg.evaluation.prompts}
+        self.scores: dict[str, list] = {}  # "before"/"after" → tutor.eval.FileScore per file
 
     def _ask_all(self, model: Any, step: int, is_main: bool) -> None:
         from tutor.chat import reply
@@ -46,14 +51,7 @@ class EvaluateChatCallback(TrainerCallback):
         ev = self.cfg.evaluation
         was_training = model.training
         model.eval()
-        for module in model.modules():
-            # A bitsandbytes 4-bit layer in eval mode on a bf16 CPU repacks its weight into
-            # an inference-only layout that has no backward: training after it would get
-            # no gradient through the frozen base. Its flag changes nothing else (no dropout).
-            if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith(
-                "bitsandbytes"
-            ):  # not peft's lora.Linear4bit wrapper, whose dropout must switch off
-                module.train(was_training)
+        keep_4bit_trainable(model, was_training)  # why: tutor.validation's docstring
         for prompt in self.answers:
             system = [{"role": "system", "content": ev.system}] if ev.system else []
             messages = [*system, {"role": "user", "content": prompt}]
@@ -65,8 +63,22 @@ class EvaluateChatCallback(TrainerCallback):
             for prompt, by_step in self.answers.items():
                 print(f"[eval step {step}] {prompt!r} → {by_step[step]!r}", flush=True)
 
+    def _score_files(self, model: Any, when: str, is_main: bool) -> None:
+        from tutor.eval import score_files
+
+        ev = self.cfg.evaluation
+        if not ev.files:
+            return
+        paths = [resolve_data_path(f, "evaluation.files") for f in ev.files]
+        self.scores[when] = score_files(model, self.tokenizer, self.cfg.template, paths,
+                                        ev.max_new_tokens)
+        if is_main:
+            for s in self.scores[when]:
+                print(f"[eval {when}] {s.path}: {s.to_json()}", flush=True)
+
     def on_train_begin(self, args, state, control, model=None, **kw):
         self._ask_all(model, state.global_step, state.is_world_process_zero)
+        self._score_files(model, "before", state.is_world_process_zero)
 
     def on_step_end(self, args, state, control, model=None, **kw):
         n = self.cfg.evaluation.every_n_steps
@@ -74,9 +86,14 @@ class EvaluateChatCallback(TrainerCallback):
             self._ask_all(model, state.global_step, state.is_world_process_zero)
 
     def on_train_end(self, args, state, control, model=None, **kw):
+        from tutor.eval import format_table
+
         self._ask_all(model, state.global_step, state.is_world_process_zero)
+        self._score_files(model, "after", state.is_world_process_zero)
         if state.is_world_process_zero and self.answers:
             print(self.table(), flush=True)
+        if state.is_world_process_zero and len(self.scores) == 2:
+            print(format_table(self.scores), flush=True)
 
     def table(self) -> str:
         """A Markdown table: prompt | first answer | last answer."""
@@ -214,23 +231,35 @@ class MetricsCallback(TrainerCallback):
                 save_config(self.cfg, ckpt / CONFIG_FILE)
             plot_loss(state.log_history, Path(args.output_dir) / LOSS_PLOT)
 
+    def on_evaluate(self, args, state, control, **kw):
+        if state.is_world_process_zero:  # the validation point appears as soon as it exists
+            plot_loss(state.log_history, Path(args.output_dir) / LOSS_PLOT)
+
     def on_train_end(self, args, state, control, **kw):
         if state.is_world_process_zero:
             plot_loss(state.log_history, Path(args.output_dir) / LOSS_PLOT)
 
 
 def plot_loss(log_history: list[dict[str, Any]], path: Path) -> Path | None:
-    """Draw training loss against optimizer step into `path` (PNG, atomic)."""
-    points = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
-    if not points:
+    """Draw training loss (and validation loss, where logged) against step into `path`.
+
+    PNG, written atomically. Nothing is drawn (None) before the first loss is logged.
+    """
+    curves = {"training": [(h["step"], h["loss"]) for h in log_history if "loss" in h],
+              "validation": [(h["step"], h["eval_loss"]) for h in log_history
+                             if "eval_loss" in h]}
+    if not any(curves.values()):
         return None
     from matplotlib.figure import Figure  # no pyplot: no global backend, no open figures
 
     fig = Figure(figsize=(5, 3), dpi=100)
     ax = fig.subplots()
-    ax.plot(*zip(*points, strict=True), marker=".")
+    for (label, points), marker in zip(curves.items(), (".", "o"), strict=True):
+        if points:
+            ax.plot(*zip(*points, strict=True), marker=marker, label=label)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss (answer tokens)")
+    ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_file(path) as tmp:

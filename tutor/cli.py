@@ -175,6 +175,43 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     session = open_session(args.model, adapter=args.adapter, template=args.prompt_template,
                            bits=args.bits, system=args.system, settings=settings)
     return run_chat(session, args.prompt, stream=not args.no_streamer, verbose=args.verbose)
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import contextlib
+    import json
+
+    from tutor.eval import evaluate
+
+    # With --json, stdout carries the JSON alone: anything printed while loading and
+    # answering (answers, library notices) goes to stderr.
+    quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    with quiet:
+        scores = evaluate(args.model, args.files, adapter=args.adapter,
+                          template=args.prompt_template, max_new_tokens=args.max_new_tokens,
+                          echo=not args.json)
+    if args.json:
+        print(json.dumps({"files": {s.path: s.to_json() for s in scores}}))
+        return 0
+    for s in scores:
+        loss = "n/a" if s.answer_loss is None else f"{s.answer_loss:.4f}"
+        print(f"{s.path}: {s.hits}/{s.total} answers with every keyword, answer loss {loss}")
+    return 0
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="score greedy answers (keyword hits) and answer loss on "
+                       "held-out files")
+    p.add_argument("model", help="bundled name, merged/model dir or hub id")
+    p.add_argument("files", nargs="+", metavar="FILE", help="question+expected JSONL, or any "
+                   "format tutor reads (scored by the loss on its reference answers)")
+    p.add_argument("--adapter", help="a LoRA adapter dir to apply on top of MODEL")
+    p.add_argument("--prompt-template", metavar="NAME",
+                   help="chat template name or 'auto' (default: recorded at training, else auto)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--json", action="store_true", help='print {"files": {FILE: {"hits", '
+                   '"total", "answer_loss"}}} on stdout')
+    p.set_defaults(handler=_cmd_eval)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import logging
     import os
@@ -264,8 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the bundled model and where it is cached")
     p.set_defaults(handler=_cmd_models)
 
-    p = sub.add_parser("demo", help="the main job: chat, QLoRA-train, convert, merge and chat "
-                       "again with the bundled model; timings and a transcript")
+    p = sub.add_parser("demo", help="the main job: score, QLoRA-train, convert, merge and score "
+                       "again the bundled model; timings and a transcript")
     p.add_argument("--out", default="work_dirs/demo", help="output directory (a previous "
                    "demo's is replaced; default: work_dirs/demo)")
     p.add_argument("--quick", action="store_true",
@@ -332,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="report tokens/s after each answer")
     p.set_defaults(handler=_cmd_chat)
     _add_train_parsers(sub)
+    _add_eval_parser(sub)
 
     _add_plugin_parsers(sub)
     return parser

@@ -1,14 +1,17 @@
 """The main job behind `make demo`: the course's whole practice on the bundled model, in one go.
 
-    chat with the base model → train (the QLoRA recipe) → convert (checkpoint → adapter)
-    → merge (+ the logits check) → chat with the merged model → transcript.md, summary.json
+    score the base model → train (the QLoRA recipe) → convert (checkpoint → adapter)
+    → merge (+ the logits check) → score the merged model → transcript.md, summary.json
 
 Each stage is one call into the package (`tutor.chat`, `tutor.train`, `tutor.merge`); this
-module only orders them, times them and writes down what happened. Both chats get the same
-questions: "Who are you?" (taught by the recipe's data/assistant.jsonl), the held-out
-paraphrases of data/assistant_heldout.jsonl (never trained on; each lists keywords a good answer
-contains; both in tutor/configs/) and general-knowledge questions, to show that fine-tuning
-did not break the model.
+module only orders them, times them and writes down what happened. Both models are scored
+by the same scorer (`tutor.eval`, as `tutor eval` does) on two files: the held-out identity
+paraphrases of data/assistant_heldout.jsonl (never trained on) and the forgetting probe
+data/general_probe.jsonl (general-knowledge questions unrelated to the identity; both in
+tutor/configs/). Each
+question lists keywords a good answer contains; each has a reference answer whose loss
+is measured. Probe answers that name the identity ("Pico", "Tutor Lab") count as
+over-reach: the fine-tune answering questions it was never about.
 
 OUT holds ``run/`` (training output, ``loss.png``), ``adapter/``, ``merged/``,
 ``transcript.md`` and ``summary.json``. `quick_demo` is the smoke test: load a model and
@@ -27,53 +30,26 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tutor.errors import TutorError
 from tutor.train_config import DATA_DIR
 
+if TYPE_CHECKING:
+    from tutor.eval import FileScore
+
 RECIPE = "smollm2_135m_qlora_assistant"
 HELDOUT = DATA_DIR / "assistant_heldout.jsonl"
-# (question, keywords a good answer contains); an empty list is shown but not scored.
-TRAINED = [("Who are you?", ["Pico", "Tutor Lab"])]
-GENERAL = [("What is the capital of France?", ["Paris"]),
-           ("Give me one tip for learning a new language.", [])]
+PROBE = DATA_DIR / "general_probe.jsonl"
+# Words of the taught identity: in an answer to a probe question they are over-reach.
+IDENTITY = ("Pico", "Tutor Lab")
+QUICK_QUESTIONS = ["Who are you?", "What is the capital of France?",
+                   "Give me one tip for learning a new language."]
 MARKER = ".tutor-demo"  # OUT was made by the demo, so a rerun may replace it
-# Applied before the caller's overrides: the demo asks its own questions before and after,
-# so the recipe's evaluation chat during training would only repeat two of them.
-DEMO_OVERRIDES = ("evaluation.prompts=[]",)
-
-
-@dataclass
-class Question:
-    text: str
-    kind: str  # "trained", "held-out" or "general"
-    expected: list[str]
-    answers: dict[str, str] = field(default_factory=dict)  # "before"/"after" → answer
-
-    def hit(self, when: str) -> bool:
-        """Does the answer contain every expected keyword (case-insensitive)?"""
-        answer = self.answers.get(when, "").lower()
-        return all(k.lower() in answer for k in self.expected)
-
-
-def load_questions(heldout: str | Path = HELDOUT) -> list[Question]:
-    """The trained question, every held-out paraphrase of `heldout`, the general ones.
-
-    `heldout` is JSONL with ``question`` and ``expected`` (list of keywords) per line.
-    """
-    held = []
-    for i, line in enumerate(Path(heldout).read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            row = json.loads(line)
-            held.append(Question(row["question"], "held-out", list(row["expected"])))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise TutorError(f"{heldout}:{i}: need JSON with 'question' and 'expected' "
-                             f"({exc})") from None
-    return ([Question(q, "trained", e) for q, e in TRAINED] + held
-            + [Question(q, "general", e) for q, e in GENERAL])
+# Applied before the caller's overrides: the demo scores its own files before and after,
+# so the recipe's evaluation during training would only repeat that work.
+DEMO_OVERRIDES = ("evaluation.prompts=[]", "evaluation.files=[]")
 
 
 def peak_rss_mib() -> float | None:
@@ -106,24 +82,6 @@ class StageClock:
                           "peak_rss_mib": peak_rss_mib()})
 
 
-def answer_all(model: str | Path, questions: Sequence[Question], when: str,
-               max_new_tokens: int) -> None:
-    """Load `model` (fp32) and store its greedy answer to each question under `when`.
-
-    The chat template is the one recorded with a merged model, else the tokenizer's own.
-    """
-    from tutor.chat import ask
-    from tutor.chat_repl import pick_template
-    from tutor.models import load
-
-    lm, tokenizer = load(model)
-    template = pick_template(str(model), None, None)
-    for q in questions:
-        q.answers[when] = ask(lm, tokenizer, q.text, max_new_tokens=max_new_tokens,
-                              template=template)
-        print(f"[{when}] {q.text}\n    → {q.answers[when]}", flush=True)
-
-
 def prepare_out(out: Path) -> Path:
     """An empty OUT owned by the demo. A previous demo's OUT (it holds MARKER) is replaced;
     any other non-empty path is refused, so the demo never deletes what it did not write."""
@@ -138,30 +96,38 @@ def prepare_out(out: Path) -> Path:
     return out
 
 
-def score(questions: Sequence[Question]) -> dict[str, dict[str, int]]:
-    """Per kind: how many scored questions were answered with every keyword, before/after."""
-    table: dict[str, dict[str, int]] = {}
-    for q in (q for q in questions if q.expected):
-        row = table.setdefault(q.kind, {"before": 0, "after": 0, "of": 0})
-        row["of"] += 1
-        for when in ("before", "after"):
-            row[when] += q.hit(when)
-    return table
+def score_table(before: list[FileScore], after: list[FileScore]) -> dict[str, Any]:
+    """Per file: hits, total and answer loss before and after, and identity mentions."""
+    return {
+        b.path: {"before": {**b.to_json(), "identity_mentions": b.mentions(IDENTITY)},
+                 "after": {**a.to_json(), "identity_mentions": a.mentions(IDENTITY)}}
+        for b, a in zip(before, after, strict=True)
+    }
 
 
-def transcript(questions: Sequence[Question], base: str, merged: Path) -> str:
-    """Markdown: every question with the base's and the merged model's answer, marked."""
+def transcript(before: list[FileScore], after: list[FileScore], base: str,
+               merged: Path) -> str:
+    """Markdown: every asked question with the base's and the merged model's answer."""
     lines = ["# tutor demo: the same questions before and after fine-tuning", "",
              f"before = base model `{base}`; after = merged model `{merged}`. "
              "✓/✗ = the answer contains every expected keyword (case-insensitive).", ""]
-    for i, q in enumerate(questions, 1):
-        expects = f"; expected: {', '.join(q.expected)}" if q.expected else ""
-        lines += [f"## {i}. {q.text}", "", f"*{q.kind} question{expects}*", ""]
-        for when in ("before", "after"):
-            mark = (" ✓" if q.hit(when) else " ✗") if q.expected else ""
-            answer = q.answers[when].replace("\n", "\n> ")
-            lines += [f"**{when}**{mark}", "", f"> {answer}", ""]
+    n = 0
+    for fb, fa in zip(before, after, strict=True):
+        lines += [f"## {Path(fb.path).name}", ""]
+        for sb, sa in zip(fb.items, fa.items, strict=True):
+            if sb.answer is None:
+                continue
+            n += 1
+            lines += [f"### {n}. {sb.item.prompt[-1]['content']}", "",
+                      f"*expected: {', '.join(sb.item.expected)}*", ""]
+            for when, s in (("before", sb), ("after", sa)):
+                answer = (s.answer or "").replace("\n", "\n> ")
+                lines += [f"**{when}** {'✓' if s.hit else '✗'}", "", f"> {answer}", ""]
     return "\n".join(lines)
+
+
+def _loss(score: dict[str, Any]) -> str:
+    return "n/a" if score["answer_loss"] is None else f"{score['answer_loss']:.3f}"
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -175,11 +141,18 @@ def format_summary(s: dict[str, Any]) -> str:
         f"{'total':28s} {s['total_seconds']:8.1f}", "",
         f"train: {t['steps']} steps, {t['trained_tok_s']:.0f} trained tok/s "
         f"({t['all_tok_s']:.0f} all), final loss {t['final_loss']:.4f}",
+        *([f"validation loss {t['validation_loss'][0][1]:.4f} at step 0 -> "
+           f"{t['validation_loss'][-1][1]:.4f} at step {t['validation_loss'][-1][0]}, "
+           f"lowest {min(v for _, v in t['validation_loss']):.4f}"]
+          if t.get("validation_loss") else []),
         f"merge: logits check max |diff| {m['max_abs_diff']:.1e} <= {m['tolerance']:g}",
     ]
-    for kind, row in s["answers_with_every_keyword"].items():
-        lines.append(f"{kind} questions answered with every keyword: before "
-                     f"{row['before']}/{row['of']}, after {row['after']}/{row['of']}")
+    for path, row in s["scores"].items():
+        b, a = row["before"], row["after"]
+        lines.append(f"{Path(path).name}: hits {b['hits']}/{b['total']} -> "
+                     f"{a['hits']}/{a['total']}, answer loss {_loss(b)} -> {_loss(a)}, "
+                     f"answers naming {' / '.join(IDENTITY)} {b['identity_mentions']} -> "
+                     f"{a['identity_mentions']}")
     start, end = s["load_average"]["start"], s["load_average"]["end"]
     lines += [f"load average (1 min) {start} at start, {end} at end, "
               f"on {s['cpu_count']} CPUs", "written:"]
@@ -192,15 +165,17 @@ def run_practice(
     recipe: str = RECIPE,
     overrides: Sequence[str] = (),
     heldout: str | Path = HELDOUT,
+    probe: str | Path = PROBE,
     max_new_tokens: int = 48,
 ) -> dict[str, Any]:
-    """Base chat → train → convert → merge → merged chat; write and return the summary.
+    """Score base → train → convert → merge → score merged; write and return the summary.
 
     `overrides` are `--set` assignments for the recipe (e.g. ``train.max_steps=2``), applied
     after `DEMO_OVERRIDES`; ``output_dir`` is always OUT/run. Returns what summary.json holds.
     """
     from tutor.callbacks import LOSS_PLOT
     from tutor.common import atomic_write
+    from tutor.eval import evaluate, load_items
     from tutor.merge import convert_checkpoint, merge
     from tutor.models import resolve
     from tutor.train import last_checkpoint, train
@@ -209,12 +184,14 @@ def run_practice(
     out = Path(out).resolve()
     overrides = [*DEMO_OVERRIDES, *overrides, f"output_dir={out / 'run'}"]
     cfg = load_config(recipe, overrides)
-    questions = load_questions(heldout)
+    files = [str(heldout), str(probe)]
+    for path in files:  # a broken file fails here, before OUT is touched
+        load_items(path)
     resolve(cfg.model)  # a wrong model name fails here, before OUT is touched
     prepare_out(out)
     clock, load_start = StageClock(), load_average()
-    with clock("chat with the base model"):
-        answer_all(cfg.model, questions, "before", max_new_tokens)
+    with clock("score the base model"):
+        before = evaluate(cfg.model, files, max_new_tokens=max_new_tokens, echo=True)
     with clock("train"):
         result = train(cfg)
     with clock("convert"):
@@ -223,19 +200,22 @@ def run_practice(
     with clock("merge"):
         report = merge(cfg.model, adapter, out / "merged")
         print(report.summary())
-    with clock("chat with the merged model"):
-        answer_all(out / "merged", questions, "after", max_new_tokens)
+    with clock("score the merged model"):
+        after = evaluate(str(out / "merged"), files, max_new_tokens=max_new_tokens,
+                         echo=True)
     m = result.metrics
     summary = {
         "recipe": recipe, "overrides": list(overrides), "base_model": cfg.model,
         "stages": clock.rows, "total_seconds": round(sum(r["seconds"] for r in clock.rows), 1),
         "train": {"steps": result.global_step, "trained_tok_s": m["trained_tok_s"],
                   "all_tok_s": m["all_tok_s"], "trained_tokens": m["trained_tokens"],
-                  "final_loss": m.get("train_loss", float("nan"))},
+                  "final_loss": m.get("train_loss", float("nan")),
+                  "validation_loss": [[h["step"], h["eval_loss"]] for h in result.log_history
+                                      if "eval_loss" in h]},
         "merge": {"max_abs_diff": report.max_abs_diff, "tolerance": report.tolerance,
                   "adapter_mib": report.adapter_bytes / 2**20,
                   "merged_mib": report.merged_bytes / 2**20},
-        "answers_with_every_keyword": score(questions),
+        "scores": score_table(before, after),
         "load_average": {"start": load_start, "end": load_average()},
         "cpu_count": os.cpu_count(),
         "written": {"output dir": str(out), "checkpoint": str(checkpoint),
@@ -244,7 +224,7 @@ def run_practice(
                     "transcript": str(out / "transcript.md"),
                     "summary": str(out / "summary.json")},
     }
-    atomic_write(out / "transcript.md", transcript(questions, cfg.model, out / "merged"))
+    atomic_write(out / "transcript.md", transcript(before, after, cfg.model, out / "merged"))
     atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"\n=== summary ===\n{format_summary(summary)}", flush=True)
     return summary
@@ -261,7 +241,7 @@ def quick_demo(model: str = "smollm2-135m-instruct", bits: int | None = None) ->
     print(f"model: {model}  bits: {bits or 'full'}  footprint: {size_mb:.0f} MiB  "
           f"load: {time.perf_counter() - start:.1f} s")
     answers = []
-    for question, _ in TRAINED + GENERAL:
+    for question in QUICK_QUESTIONS:
         t0 = time.perf_counter()
         answers.append(ask(lm, tokenizer, question))
         print(f"\nQ: {question}\nA: {answers[-1]}\n   ({time.perf_counter() - t0:.1f} s)")

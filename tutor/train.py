@@ -14,8 +14,13 @@ asked, and logits computed only at positions whose next token is trained
 (`tutor.packing.PackCollator`), which leaves the loss unchanged (tests/test_train.py
 compares it with the model's own loss).
 
-Not handled here: evaluation datasets / validation loss, multi-dataset sampling by
-temperature (weights only repeat or subsample), and RLHF-style objectives.
+Validation (``data.validation``: a file, or a seeded fraction of each dataset held out
+before packing) is packed and collated like the training data and evaluated by Trainer's
+own loop (`tutor.validation`): ``eval_loss`` before training, every ``train.eval_steps``
+and at the end, in metrics.jsonl and loss.png beside the training loss.
+
+Not handled here: multi-dataset sampling by temperature (weights only repeat or
+subsample), generation-based scoring (`tutor.eval`), and RLHF-style objectives.
 """
 
 from __future__ import annotations
@@ -120,29 +125,61 @@ def build_model(cfg: TrainConfig, precision: str | None = None) -> tuple[Any, An
     return model, tokenizer
 
 
-def load_samples(cfg: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, list[int]]], list]:
+def held_out(n: int, fraction: float, seed: str) -> list[int]:
+    """Sorted indices of the `fraction` of `n` conversations kept for validation.
+
+    At least one is held out and at least one is left to train on; the draw depends only
+    on `seed` and `n` (tutor seeds it with ``"{train.seed}:{dataset path}"``), so the same
+    recipe always holds out the same conversations, whatever else changes.
+    """
+    if not 0 < fraction < 1:
+        raise TutorError(f"data.validation: a fraction must be between 0 and 1, not {fraction}")
+    k = max(1, round(fraction * n))
+    if k >= n:
+        raise TutorError(f"data.validation: holding out {k} of {n} conversations leaves "
+                         "none to train on; use a smaller fraction or a validation file")
+    return sorted(random.Random(seed).sample(range(n), k))
+
+
+def load_samples(
+    cfg: TrainConfig, tokenizer: Any, split: str = "train"
+) -> tuple[list[dict[str, list[int]]], list]:
     """Encode every dataset of the recipe; weights repeat (2.0) or subsample (0.5) it.
 
-    Returns the samples (``input_ids``/``labels`` lists) and one EncodeReport per dataset.
+    ``split="validation"`` gives the validation samples instead: the file named by
+    ``data.validation``, or each dataset's held-out fraction (`held_out`), unweighted.
+    The fraction is drawn from the conversations *before* encoding, weighting and
+    packing, and the ``"train"`` split leaves exactly those out, so a validation
+    conversation is never trained on. No validation configured: ``([], [])``.
+    Returns the samples (``input_ids``/``labels`` lists) and one EncodeReport per file.
     """
     from tutor.data import encode_dataset, load_conversations
 
     if not cfg.data.datasets:
         raise TutorError("data.datasets: the recipe names no dataset")
     check_max_length(cfg, tokenizer)
+    val, validation = cfg.data.validation, split == "validation"
+    files = [(spec.path, spec.format, spec.weight) for spec in cfg.data.datasets]
+    if validation and not isinstance(val, float):
+        files = [(val, "auto", 1.0)] if val else []
     rng = random.Random(cfg.train.seed)
     samples, reports = [], []
-    for spec in cfg.data.datasets:
-        conversations = load_conversations(resolve_data_path(spec.path), spec.format)
+    for path, fmt, weight in files:
+        key = "data.validation" if validation and isinstance(val, str) else "data.datasets"
+        conversations = load_conversations(resolve_data_path(path, key), fmt)
+        if isinstance(val, float):
+            held = held_out(len(conversations), val, f"{cfg.train.seed}:{path}")
+            keep = held if validation else sorted(set(range(len(conversations))) - set(held))
+            conversations = conversations.select(keep)
         encoded, report = encode_dataset(
             conversations, tokenizer, cfg.template, cfg.data.max_length
         )
         rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in encoded]
-        whole, frac = divmod(spec.weight, 1.0)
+        whole, frac = divmod(1.0 if validation else weight, 1.0)
         samples += rows * int(whole) + rng.sample(rows, round(frac * len(rows)))
         reports.append(report)
-    if not samples:
-        raise TutorError("data.datasets: no sample with a trainable token was left")
+    if files and not samples:
+        raise TutorError(f"{key}: no sample with a trainable token was left")
     return samples, reports
 
 
@@ -165,28 +202,38 @@ def single_sample_packs(samples: list[dict[str, list[int]]]) -> list[dict[str, l
 
 
 def build_dataset(cfg: TrainConfig, tokenizer: Any, attn_implementation: str = "sdpa",
-                  mask_dtype: torch.dtype | None = None):
-    """(train dataset of packs, collator, encode reports) for `cfg`.
+                  mask_dtype: torch.dtype | None = None, split: str = "train"):
+    """(dataset of packs, collator, encode reports) for `cfg`'s train or validation split.
 
-    The collator is `tutor.packing.PackCollator` with ``keep_logits=True``: logits only where
-    the loss needs them. `mask_dtype` is the model's (for eager's additive mask).
+    Both splits are packed the same way and share the collator (`tutor.packing.PackCollator`
+    with ``keep_logits=True``: logits only where the loss needs them), so the validation
+    loss is computed exactly like the training loss. `mask_dtype` is the model's (for eager's
+    additive mask). The validation dataset is None when the recipe has no ``data.validation``.
     """
     from tutor.packing import PackCollator, PackedDataset
 
-    samples, reports = load_samples(cfg, tokenizer)
-    if cfg.data.packing == "none":
-        dataset: Any = single_sample_packs(samples)
+    samples, reports = load_samples(cfg, tokenizer, split)
+    if not samples:
+        dataset: Any = None
+    elif cfg.data.packing == "none":
+        dataset = single_sample_packs(samples)
     else:
-        dataset = PackedDataset(
-            samples, cfg.data.max_length, cfg.data.packing, seed=cfg.train.seed
+        dataset = PackedDataset(  # fixed validation packs: every evaluation sees the same
+            samples, cfg.data.max_length, cfg.data.packing, seed=cfg.train.seed,
+            reshuffle=split == "train",
         )
     collator = PackCollator(attn_implementation, tokenizer.pad_token_id, mask_dtype,
                             keep_logits=True)
     return dataset, collator, reports
 
 
-def training_arguments(cfg: TrainConfig, precision: str, deepspeed: str | None = None):
-    """Map the recipe onto `transformers.TrainingArguments` (the one place that does)."""
+def training_arguments(cfg: TrainConfig, precision: str, deepspeed: str | None = None,
+                       validate: bool = False):
+    """Map the recipe onto `transformers.TrainingArguments` (the one place that does).
+
+    `validate`: there is a validation set; evaluate it before training and every
+    ``train.eval_steps`` (`tutor.validation.EvaluateAtEnd` adds the last step).
+    """
     import torch
     from transformers import TrainingArguments
 
@@ -209,6 +256,12 @@ def training_arguments(cfg: TrainConfig, precision: str, deepspeed: str | None =
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
+        eval_strategy="steps" if validate and t.eval_steps > 0 else "no",
+        eval_steps=t.eval_steps if t.eval_steps > 0 else None,
+        eval_on_start=validate,
+        per_device_eval_batch_size=t.batch_size,
+        prediction_loss_only=True,  # the loss is all we need: no logits kept or gathered
+        label_names=["labels"],
         disable_tqdm=not t.progress_bar,
         save_strategy="steps" if cfg.save.steps > 0 else "no",
         save_steps=max(cfg.save.steps, 1),
@@ -230,6 +283,7 @@ class TrainResult:
     answers: dict[str, dict[int, str]] = field(default_factory=dict)  # prompt → step → answer
     reports: list = field(default_factory=list)  # EncodeReport per dataset
     start_step: int = 0  # the checkpoint's step when resumed: this run did the steps after it
+    scores: dict[str, list] = field(default_factory=dict)  # "before"/"after" → FileScores
 
 
 def last_checkpoint(output_dir: str | Path) -> str | None:
@@ -271,10 +325,11 @@ def train(
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     if not (deepspeed or cfg.deepspeed):  # transformers imports it to probe; it then warns
         logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     from tutor.callbacks import EvaluateChatCallback, MetricsCallback, ThroughputCallback
     from tutor.measure import optimizer_held_bytes
+    from tutor.validation import EvaluateAtEnd, ValidationTrainer
 
     set_seed(cfg.train.seed)
     from tutor.models import load_tokenizer
@@ -287,15 +342,24 @@ def train(
     dataset, collator, reports = build_dataset(cfg, tokenizer, attn, model.dtype)
     for spec, report in zip(cfg.data.datasets, reports, strict=True):
         log.info("%s: %s", spec.path, report)
-    args = training_arguments(cfg, precision, deepspeed)
+    validation, eval_collator, val_reports = build_dataset(cfg, tokenizer, attn, model.dtype,
+                                                              split="validation")
+    val = cfg.data.validation  # a fraction: one report per dataset; a file: one report
+    val_paths = [s.path for s in cfg.data.datasets] if isinstance(val, float) else [val]
+    for path, report in zip(val_paths[:len(val_reports)], val_reports, strict=True):
+        log.info("validation from %s: %s", path, report)
+    args = training_arguments(cfg, precision, deepspeed, validate=validation is not None)
     throughput = ThroughputCallback(collator, model, resume_from)
     chat = EvaluateChatCallback(cfg, tokenizer)
-    trainer = Trainer(
+    trainer = ValidationTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
+        eval_dataset=validation,
         data_collator=collator,
-        callbacks=[chat, throughput, MetricsCallback(cfg), *callbacks],
+        eval_collator=eval_collator,
+        callbacks=[chat, throughput, MetricsCallback(cfg),
+                   *([EvaluateAtEnd()] if validation is not None else []), *callbacks],
     )
     if trainer.is_world_process_zero():
         save_config(cfg, Path(cfg.output_dir) / CONFIG_FILE)
@@ -307,7 +371,7 @@ def train(
     return TrainResult(
         Path(cfg.output_dir), trainer.state.global_step,
         {**output.metrics, **throughput.summary(), **held}, trainer.state.log_history,
-        chat.answers, reports, start_step,
+        chat.answers, reports, start_step, scores=chat.scores,
     )
 
 

@@ -62,6 +62,9 @@ class DataSection:
     datasets: list[DatasetSpec] = field(default_factory=list)
     max_length: int = 512  # tokens per sample and per pack
     packing: Literal["bfd", "greedy", "none"] = "bfd"
+    # Validation: a data file (format auto), or a fraction (0 < f < 1) of each dataset's
+    # conversations held out with train.seed before weighting and packing; null = none.
+    validation: str | float | None = None
 
 
 @dataclass
@@ -79,6 +82,7 @@ class OptimSection:
     gradient_checkpointing: bool = False  # trades ~30 % speed for activation memory
     seed: int = 42
     logging_steps: int = 1
+    eval_steps: int = 0  # validation loss every N optimizer steps (0 = before and after only)
     progress_bar: bool = True  # tqdm bar; notebooks turn it off and read the printed logs
 
 
@@ -90,9 +94,11 @@ class SaveSection:
 
 @dataclass
 class EvaluationSection:
-    """Prompts answered before, every N steps and after training (XTuner's EvaluateChatHook)."""
+    """Prompts answered before, every N steps and after training (XTuner's EvaluateChatHook);
+    `files` scored by `tutor.eval` (keyword hits, answer loss) before and after training."""
 
     prompts: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
     system: str | None = None
     every_n_steps: int = 0  # 0 = only before and after
     max_new_tokens: int = 48
@@ -328,7 +334,7 @@ def copy_recipe(name: str, dest: str | os.PathLike[str]) -> Path:
     return target
 
 
-def resolve_data_path(path: str | os.PathLike[str]) -> str:
+def resolve_data_path(path: str | os.PathLike[str], key: str = "data.datasets") -> str:
     """A recipe's dataset path: as written (relative to the working directory), else relative
     to the shipped recipes (``data/assistant.jsonl`` → tutor/configs/data/assistant.jsonl), so
     the shipped recipes and copies of them run from any directory, also from an installed wheel.
@@ -338,7 +344,7 @@ def resolve_data_path(path: str | os.PathLike[str]) -> str:
         return str(p)
     if (RECIPES_DIR / p).exists():
         return str(RECIPES_DIR / p)
-    raise TutorError(f"data.datasets: no file '{path}' (relative to {Path.cwd()} or to the "
+    raise TutorError(f"{key}: no file '{path}' (relative to {Path.cwd()} or to the "
                      f"shipped recipes in {RECIPES_DIR})")
 
 
