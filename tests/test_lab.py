@@ -100,8 +100,27 @@ def test_own_recipe(capsys):
     assert "lora.r=4" in _check(capsys, "06.1", load_config(recipe))[1]
 
 
+def test_probe_experiment_reads_the_scored_run(capsys, tmp_path, monkeypatch):
+    """06.3 compares the learner's count with the scores cached for the run they trained."""
+    import json
+
+    import tutor.course.pico as pico
+
+    monkeypatch.setenv("TUTOR_HOME", str(tmp_path))
+    overrides = ["train.epochs=1"]
+    root = pico.locate(overrides=overrides).root
+    ok, line = _check(capsys, "06.3", (overrides, 2))
+    assert not ok and "no scored run for ['train.epochs=1']" in line  # not trained yet
+    root.mkdir(parents=True)
+    probe = {"hits": 9, "total": 16, "answer_loss": 2.1, "identity_mentions": 2}
+    (root / "scores.json").write_text(json.dumps({"after": {pico.SCORED[1]: probe}}))
+    _assert_case(capsys, "06.3", (overrides, 2), (overrides, 9), "keyword hits")
+    assert "name the identity" in _check(capsys, "06.3", (overrides, 2))[1]
+    assert "one change at least" in _check(capsys, "06.3", ([], 2))[1]
+
+
 def test_every_exercise_has_a_case():
-    tested = {c[0] for c in CASES + SLOW_CASES} | {"03.3", "06.1"}
+    tested = {c[0] for c in CASES + SLOW_CASES} | {"03.3", "06.1", "06.3"}
     assert tested == set(lab.exercises())
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tutor.common import IGNORE_INDEX
 from tutor.errors import TutorError
 from tutor.formats import Message, detect_format, read_records, to_messages, validate_messages
 
@@ -146,7 +147,7 @@ def answer_loss(model: PreTrainedModel, sample: Mapping[str, list[int]]) -> tupl
     import torch
 
     labels = torch.tensor([sample["labels"]], device=model.device)  # (1, T)
-    n = int((labels[:, 1:] != -100).sum())  # position t predicts label t+1
+    n = int((labels[:, 1:] != IGNORE_INDEX).sum())  # position t predicts label t+1
     if n == 0:
         return float("nan"), 0
     ids = torch.tensor([sample["input_ids"]], device=model.device)  # (1, T)

@@ -11,6 +11,7 @@ about the recipe instead, which the check can rebuild in seconds.
 from __future__ import annotations
 
 import functools
+import json
 import math
 from typing import Any
 
@@ -201,6 +202,39 @@ def _recipe_steps(answer: Any) -> Verdict:
                                                            "into fewer rows first"),
                            (samples, "a step sees one pack (several samples), and the recipe "
                                      "runs several epochs")])
+
+
+@exercise("06.3", "change one thing in the recipe: what does it do to the forgetting probe?")
+def _probe_experiment(answer: Any) -> Verdict:
+    from tutor.course.pico import SCORED, locate
+
+    if not (isinstance(answer, tuple) and len(answer) == 2):
+        raise Hint("answer with a pair: (the list of overrides you trained with, the number "
+                   "of probe answers that name Pico or the Tutor Lab)")
+    overrides, mentions = answer
+    if not (isinstance(overrides, list) and overrides and all(isinstance(o, str) and "=" in o
+                                                               for o in overrides)):
+        return wrong("the first item is the list of overrides you changed, e.g. "
+                     "['train.epochs=1']: one change at least, or there is nothing to compare")
+    run = locate(overrides=overrides)
+    cached = run.root / "scores.json"
+    if not cached.is_file():
+        return wrong(f"no scored run for {overrides} yet: run scored(trained(overrides="
+                     f"{overrides!r})) first (it trains, minutes)")
+    probe = SCORED[1]
+    after = json.loads(cached.read_text(encoding="utf-8"))["after"][probe]
+    recipe = locate().root / "scores.json"
+    compare = ""
+    if recipe.is_file():
+        base = json.loads(recipe.read_text(encoding="utf-8"))["after"][probe]
+        compare = f" (the recipe as shipped: {base['identity_mentions']})"
+    return judge(as_int(mentions, "a count"), after["identity_mentions"],
+                 why=f"with {overrides}, {after['identity_mentions']} of {after['total']} probe "
+                     f"answers name the identity{compare}, {after['hits']} hit their keywords",
+                 hint="count the probe answers after training that name Pico or the Tutor Lab: "
+                      "scores['after'][SCORED[1]]['identity_mentions']",
+                 mistakes=[(after["hits"], "that is the keyword hits; count the answers that "
+                                           "name the identity instead")])
 
 
 # ── 07 merge ──────────────────────────────────────────────────────────────────────────

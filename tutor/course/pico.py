@@ -4,9 +4,11 @@ The assistant recipe (`smollm2_135m_qlora_assistant`) teaches the bundled SmolLM
 that it is Pico, made by the Tutor Lab. Training it takes minutes on a 2-core CPU, so it is done
 once and cached under ``$TUTOR_HOME/runs/<recipe>-<key>/``::
 
-    run/       the training output (adapter, checkpoint-N, metrics.jsonl, loss.png, result.json)
-    adapter/   `tutor.merge.convert_checkpoint` of the last checkpoint
-    merged/    `tutor.merge.merge` of base + adapter (fp32, logits checked)
+    run/          the training output (adapter, checkpoint-N, metrics.jsonl, loss.png, result.json)
+    scores.json   `tutor.eval` on the held-out identity questions and the forgetting probe,
+                  base model (before) and base + adapter (after), fp32
+    adapter/      `tutor.merge.convert_checkpoint` of the last checkpoint
+    merged/       `tutor.merge.merge` of base + adapter (fp32, logits checked)
 
 The key is a hash of what decides the weights: the resolved recipe (without its output_dir),
 the bytes of every dataset it reads, and the versions of tutor, torch, transformers and peft.
@@ -33,6 +35,11 @@ from tutor.common import atomic_dir, atomic_write
 
 RECIPE = "smollm2_135m_qlora_assistant"
 RESULT_FILE = "result.json"  # global_step, metrics and seconds of the cached training run
+# What the notebooks show themselves (answers, scores) is not also asked during training, and
+# the log lines replace the progress bar; none of these changes the weights, so not the key.
+QUIET = ("train.progress_bar=false", "evaluation.prompts=[]", "evaluation.files=[]")
+SCORED = ("data/assistant_heldout.jsonl", "data/general_probe.jsonl")  # identity, probe
+SCORE_TOKENS = 32  # new tokens per scored answer: enough for a keyword, short enough to be quick
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,7 @@ def trained(recipe: str = RECIPE, overrides: Sequence[str] = (), echo=print) -> 
     pico.root.mkdir(parents=True, exist_ok=True)
     with atomic_dir(pico.run, force=True) as tmp:
         # The run trains in the temporary folder and is renamed only when it finished.
-        cfg = load_config(recipe, [*overrides, f"output_dir={tmp}", "train.progress_bar=false"])
+        cfg = load_config(recipe, [*overrides, *QUIET, f"output_dir={tmp}"])
         start = time.perf_counter()
         result = train(cfg)
         seconds = time.perf_counter() - start
@@ -131,3 +138,34 @@ def merged(pico: Pico | None = None, echo=print) -> Pico:
         report = merge(pico.base_model, pico.adapter, pico.merged)
         echo(report.summary())
     return pico
+
+
+def scored(pico: Pico | None = None, echo=print) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{"before"|"after": {file: {"hits", "total", "answer_loss", "identity_mentions"}}}``.
+
+    `tutor.eval`'s scorer on `SCORED` for the base model and for base + Pico's adapter (both
+    fp32, greedy, `SCORE_TOKENS` new tokens), cached as scores.json beside the run. An
+    identity mention in a probe answer is over-reach: the fine-tune answering a question it
+    was never about.
+    """
+    from peft import PeftModel
+
+    from tutor.demo import IDENTITY
+    from tutor.eval import score_files
+    from tutor.models import load
+    from tutor.train_config import load_config, resolve_data_path
+
+    pico = pico or trained(echo=echo)
+    cached = pico.root / "scores.json"
+    if cached.is_file():
+        return json.loads(cached.read_text(encoding="utf-8"))
+    template = load_config(pico.run / "tutor_config.yaml").template
+    paths = [resolve_data_path(p) for p in SCORED]
+    base, tokenizer = load(pico.base_model)
+    scores = {}
+    for when, model in (("before", base), ("after", PeftModel.from_pretrained(base, pico.run))):
+        files = score_files(model, tokenizer, template, paths, SCORE_TOKENS)
+        scores[when] = {name: {**f.to_json(), "identity_mentions": f.mentions(IDENTITY)}
+                        for name, f in zip(SCORED, files, strict=True)}
+    atomic_write(cached, json.dumps(scores, indent=2) + "\n")
+    return scores
