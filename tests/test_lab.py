@@ -17,19 +17,29 @@ import pytest
 
 from tutor.cli import main
 from tutor.course import lab
+from tutor.course.checks import Hint, choice
 from tutor.errors import TutorError
 
 NBS = Path(__file__).resolve().parent.parent / "nbs"
 LLAMA2 = "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi! [/INST] Hello. </s>"
 
+# The pack of 2, 4 and 3 tokens of 05.3, written out: a causal triangle per sample
+MASK_2_4_3 = [[1, 0, 0, 0, 0, 0, 0, 0, 0],
+              [1, 1, 0, 0, 0, 0, 0, 0, 0],
+              [0, 0, 1, 0, 0, 0, 0, 0, 0],
+              [0, 0, 1, 1, 0, 0, 0, 0, 0],
+              [0, 0, 1, 1, 1, 0, 0, 0, 0],
+              [0, 0, 1, 1, 1, 1, 0, 0, 0],
+              [0, 0, 0, 0, 0, 0, 1, 0, 0],
+              [0, 0, 0, 0, 0, 0, 1, 1, 0],
+              [0, 0, 0, 0, 0, 0, 1, 1, 1]]
+
 # id, a right answer, a typical wrong answer, words its hint must contain
 CASES = [
-    ("00.2", "b", "a", "share one byte"),
     ("01.1", LLAMA2, LLAMA2.replace("\n\nHi!", "\nHi!"), "character 37"),
     ("01.2", {"qwen_chat", "vicuna"}, {"qwen_chat", "vicuna", "zephyr"}, "'zephyr' adds no"),
     ("02.1", 12, 56, "only labels != -100 are trained"),
     ("02.2", 13, 12, "EOS"),
-    ("02.3", "b", "c", "add_special_tokens=False"),
     ("03.1", ["alpaca", "sharegpt", "xtuner"], ["alpaca", "xtuner", "sharegpt"], "ShareGPT"),
     ("03.2", 4, 2, "only a warning"),
     ("04.1", 39_976_960, 39_976_960 // 32, "one block"),
@@ -37,18 +47,23 @@ CASES = [
     ("04.3", 1536, 2048, "8.28 GiB > 8"),
     ("05.1", 1010 / 1024, 1010 / 1536, "greedy"),
     ("05.2", 5 * 6 // 2 + 1 + 3 * 4 // 2, 45, "plain causal mask"),
-    ("05.3", "b", "a", "shift by one"),
+    ("05.3", MASK_2_4_3, [[int(j <= i) for j in range(9)] for i in range(9)],
+     "samples may not see each other"),  # bool or 0/1, (L, L) or (1, 1, L, L)
+    ("05.3", [[MASK_2_4_3]], [row[:8] for row in MASK_2_4_3[:8]], "(9, 9)"),
     ("06.2", 26 * 3, 26, "one epoch"),  # 136 identity + 50 replayed geography samples
     ("07.1", [[3, 4, 0], [0, 1, 0]], [[1.5, 1, 0], [0, 1, 0]], "alpha / r = 4"),
     ("07.2", 134_515_008, 134_515_008 + 4_884_480, "A and B do not survive"),  # Pico: r=16
     ("07.3", 9.18563, 0.0921173, "divided by |W|"),  # NF4 error of a 1 % update, in |delta|
     ("09.1", 23.5, 31.6, "that is 8 GPUs"),
-    ("09.2", "c", "b", "weights stay whole"),
+    ("09.2", 7, 8, "fewer do too"),  # ZeRO-3 on 24 GiB cards
+    ("09.2", 7.0, 16, "that is the answer for ZeRO-2"),
     ("08.2", "</s>", "<|im_end|>", "ChatML"),
 ]
 # These load the bundled model (bf16, or fp32 for four forward passes).
 SLOW_CASES = [
     ("00.1", 256.6, 513.1, "fp32"),
+    ("00.2", 108.13 / 158.76, 0.2103, "share of numbers"),  # MiB measured once; numbers 21 %
+    ("02.3", (6.846, 3.781), (3.781, 6.846), "swapped"),  # fp32 losses, measured once
     ("08.1", 9.8, 1 / 9.8, "other way round"),
 ]
 
@@ -66,7 +81,8 @@ def _assert_case(capsys, exercise_id, good, bad, hint) -> None:
     assert hint in line, line
 
 
-@pytest.mark.parametrize("exercise_id, good, bad, hint", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("exercise_id, good, bad, hint", CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_right_and_wrong(capsys, exercise_id, good, bad, hint):
     _assert_case(capsys, exercise_id, good, bad, hint)
 
@@ -151,8 +167,10 @@ def test_not_answered_wrong_type_and_unknown_id(capsys):
     assert not ok and line == "… 05.3 not answered yet — replace the `...`"
     ok, line = _check(capsys, "04.2", "ten")
     assert not ok and "should be a code from 0 to 15 (an int), not str" in line
-    ok, line = _check(capsys, "05.3", "d")
-    assert not ok and "one of the letters a, b, c" in line
+    with pytest.raises(Hint, match="one of the letters a, b, c"):
+        choice("d", "b", why="", hints={"a": "", "c": ""})
+    ok, line = _check(capsys, "05.3", "a mask")
+    assert not ok and "a 9 × 9 tensor (or nested list)" in line
     with pytest.raises(TutorError, match="unknown exercise '05.9'; known: 05.1, 05.2, 05.3"):
         lab.check("05.9", 1)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,51 @@ def test_ends_with_checks(notebook):
         f"{path.name}: the last code cell before the exercises should assert the lesson")
     assert not any("assert" in _source(c) for c in exercises), (
         f"{path.name}: exercise cells must not assert (unsolved, they run in CI)")
+
+
+def _markdown(nb: dict) -> str:
+    return "\n".join(_source(c) for c in nb["cells"] if c["cell_type"] == "markdown")
+
+
+def _pinned() -> dict[str, str]:
+    """Dependency name -> its version specifier in pyproject.toml (e.g. '>=5.23,<6'), from
+    every quoted requirement of [project] (dependencies and extras)."""
+    text = (NBS.parent / "pyproject.toml").read_text(encoding="utf-8")
+    return {m.group(1).lower(): m.group(2)
+            for m in re.finditer(r'^\s*"([A-Za-z][\w.-]*)((?:[<>=!~]=?[\w.*]+,?)+)"', text, re.M)}
+
+
+def test_prose_names_only_versions_the_setup_admits(notebook):
+    """'transformers 5.23' in prose must be a version pyproject.toml admits: a lesson cannot
+    describe a library the setup never installs."""
+    from packaging.specifiers import SpecifierSet
+
+    path, nb = notebook
+    pinned = _pinned()
+    assert {"torch", "transformers", "peft", "deepspeed"} <= set(pinned)
+    names = "|".join(re.escape(name) for name in sorted(pinned, key=len, reverse=True))
+    for m in re.finditer(rf"(?i)\b({names})\s+v?(\d+\.\d+(?:\.\d+)?)\b", _markdown(nb)):
+        name, version = m.group(1).lower(), m.group(2)
+        assert version in SpecifierSet(pinned[name]), (
+            f"{path.name}: the prose names {name} {version}, pyproject.toml pins "
+            f"{name}{pinned[name]}")
+
+
+def test_prose_cites_only_files_in_the_repository(notebook):
+    """A file the prose sends the reader to must exist: a path (`tests/test_zero.py`) from the
+    repository root, the notebook's folder or tutor/configs/ (where a recipe's `data/x.jsonl`
+    lives), a bare notes file (`DESIGN.md`) anywhere in the repository.
+    (Bare .py names are left alone: the prose also names upstream files, e.g. XTuner configs.)"""
+    path, nb = notebook
+    root = NBS.parent
+    for m in re.finditer(r"(?<![\w/.-])((?:[\w.-]+/)*[\w.-]+\.(?:md|py|ipynb|json|jsonl|yaml))\b",
+                         _markdown(nb)):
+        cited = m.group(1)
+        if "/" in cited:
+            found = any((base / cited).exists()
+                        for base in (root, path.parent, root / "tutor" / "configs"))
+        elif cited.endswith((".md", ".ipynb")):
+            found = any(root.glob(f"**/{cited}"))
+        else:
+            continue
+        assert found, f"{path.name}: the prose cites {cited}, which is not in the repository"

@@ -13,7 +13,14 @@ import os
 import pytest
 import torch
 
-from tutor.course.zero import Zero, estimate_zero, format_zero_table, largest_layer, plot_zero
+from tutor.course.zero import (
+    STATES,
+    Zero,
+    estimate_zero,
+    format_zero_table,
+    largest_layer,
+    plot_zero,
+)
 from tutor.errors import TutorError
 from tutor.memory import GIB, KNOWN, Setup, arch_from_config, estimate
 
@@ -78,10 +85,43 @@ def test_params_and_largest_layer_equal_deepspeeds_count_on_a_real_model(vocab, 
     assert ds3.model_to_params(model) == (arch.num_params(), largest_layer(arch))
 
 
-def test_stage_zero_is_the_single_gpu_estimate_and_stages_only_shrink():
+@pytest.mark.parametrize("gpus", [1, 2, 8, 16])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_no_stage_holds_more_of_anything_than_a_lower_one(method, gpus):
+    """Regression: stage 0 used tutor.memory's layout (no fp32 gradient copy), so the DDP row
+    showed fewer gradient bytes than ZeRO-1. All stages share DeepSpeed's layout now: with one
+    GPU they hold the same model states, and each stage only removes."""
+    arch, setup = KNOWN["internlm2-chat-7b"], Setup(method=method, dtype="bfloat16")
+    stages = range(3 if method == "qlora" else 4)  # ZeRO-3 refuses a 4-bit base
+    ests = [estimate_zero(arch, setup, Zero(stage=s, gpus=gpus)) for s in stages]
+    for lower, higher in zip(ests, ests[1:], strict=False):
+        for key in (*STATES, "activations", "recompute", "logits"):
+            assert higher.gpu[key] <= lower.gpu[key], (key, lower.zero.label, higher.zero.label)
+        # ZeRO-3 adds one gathered layer, which on few GPUs can outweigh what it splits
+        assert higher.total - higher.gpu["gathered layer"] <= lower.total
+    if gpus == 1:  # nothing to partition: stages 0-2 are the same layout
+        assert ests[0].gpu == ests[1].gpu == ests[2].gpu
+    base = estimate(arch, setup).rows  # per-GPU work is the single-GPU estimate's
+    assert all(e.gpu[k] == base[k] for e in ests for k in ("activations", "recompute", "logits"))
+
+
+def test_stage_zero_equals_deepspeeds_estimate_for_one_gpu():
+    """DDP keeps on every GPU what ZeRO keeps on a single one: DeepSpeed's 2 + 18 bytes per
+    parameter (bf16 weights and gradients, fp32 gradients, master and Adam moments)."""
     arch = KNOWN["internlm2-chat-7b"]
-    assert estimate_zero(arch, FULL, Zero(stage=0, gpus=8)).gpu == {
-        **estimate(arch, FULL).rows, "gathered layer": 0}
+    params = arch.num_params()
+    ddp = estimate_zero(arch, FULL, Zero(stage=0, gpus=8))
+    _, one_gpu = ds12.estimate_zero2_model_states_mem_needs(params, 1, 1, False)
+    assert abs(ddp.model_states - one_gpu) <= KIB
+    # against tutor.memory (torch AdamW, no DeepSpeed): exactly the fp32 gradient copy more
+    assert ddp.gpu["gradients"] - estimate(arch, FULL).rows["gradients"] == 4 * params
+    table = format_zero_table([ddp, estimate_zero(arch, FULL, Zero(stage=1, gpus=8))])
+    ddp_grads, z1_grads = (float(line.split()[-6]) for line in table.splitlines()[1:])
+    assert ddp_grads == pytest.approx(6 * params / GIB, abs=0.05) and ddp_grads > z1_grads
+
+
+def test_stages_only_shrink_and_stage_two_splits_the_16_bit_gradients():
+    arch = KNOWN["internlm2-chat-7b"]
     totals = [estimate_zero(arch, FULL, Zero(stage=s, gpus=8)).total for s in range(4)]
     assert totals == sorted(totals, reverse=True) and totals[0] > 100 * GIB > 24 * GIB > totals[3]
     one, two = (estimate_zero(arch, FULL, Zero(stage=s, gpus=8)) for s in (1, 2))
@@ -118,8 +158,9 @@ def test_bad_layouts_are_tutor_errors():
         Zero(stage=0, offload_optimizer=True)
     with pytest.raises(TutorError, match="ZeRO-3 cannot partition a 4-bit base"):
         estimate_zero(arch, Setup(method="qlora"), Zero(stage=3))
-    with pytest.raises(TutorError, match="optimizer=adamw"):
-        estimate_zero(arch, Setup(optimizer="paged_adamw_8bit"), Zero(stage=2))
+    for stage in (0, 2):
+        with pytest.raises(TutorError, match="optimizer=adamw"):
+            estimate_zero(arch, Setup(optimizer="paged_adamw_8bit"), Zero(stage=stage))
     with pytest.raises(TutorError, match="no config 'zero9'"):
         Zero.from_deepspeed("zero9", gpus=2)
 

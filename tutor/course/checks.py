@@ -128,3 +128,10 @@ def bundled_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(resolve())
 
 
+@functools.cache
+def bundled_model(bits: int | None = None) -> Any:
+    """The bundled model (fp32, or NF4 with `bits=4`), loaded once per process, for checks
+    that must run it; callers must not change it (it is shared)."""
+    from tutor.models import load
+
+    return load(bits=bits)[0]

@@ -23,8 +23,8 @@ from tutor.course.checks import (
     as_float,
     as_int,
     as_str,
+    bundled_model,
     bundled_tokenizer,
-    choice,
     exercise,
     judge,
     right,
@@ -58,19 +58,31 @@ def _bf16_mib(answer: Any) -> Verdict:
                            (n / 2 / 2**20, "that is 4 bits per number; bf16 has 16")])
 
 
-@exercise("00.2", "why the 4-bit model is not 8x smaller than fp32 (a/b/c)")
-def _why_not_8x(answer: Any) -> Verdict:
-    from tutor.memory import get_arch
+@exercise("00.2", "measure: the share of the 4-bit model's bytes left unquantised")
+def _unquantised_share(answer: Any) -> Verdict:
+    import torch
 
+    from tutor.memory import get_arch
+    from tutor.models import footprint_bytes
+
+    model = bundled_model(bits=4)
+    # bitsandbytes stores NF4 weights as packed uint8; everything else keeps its float dtype
+    kept = [p for p in model.parameters() if p.dtype != torch.uint8]
+    kept_bytes = sum(p.numel() * p.element_size() for p in kept)
+    total = footprint_bytes(model)
+    share = kept_bytes / total
     arch = get_arch("smollm2-135m-instruct")
-    share = arch.other_params() / arch.num_params()
-    return choice(answer, "b",
-                  why=f"embeddings, norms and head stay unquantised: {share:.0%} of this "
-                      "model's numbers, far less in a 7B model",
-                  hints={"a": "two 4-bit codes share one byte (notebook 04); look at which "
-                              "tensors are not quantised at all",
-                         "c": "the file format does not matter: load() converts the GGUF "
-                              "into an ordinary checkpoint first"})
+    numbers = arch.other_params() / arch.num_params()
+    return judge(as_float(answer, "a fraction between 0 and 1"), share, rel=0.01,
+                 why=f"{kept_bytes / 2**20:.0f} of {total / 2**20:.0f} MiB ({share:.0%}) sit in "
+                     f"{len(kept)} unquantised tensors, {kept[0].dtype} — mostly the embedding: "
+                     "that, not NF4, sets this model's size",
+                 hint="sum numel() * element_size() over model_4bit.parameters() whose dtype is "
+                      "not torch.uint8, then divide by footprint_bytes(model_4bit)",
+                 mistakes=[(numbers, "that is a share of numbers (parameters); measure bytes: "
+                                     "an fp32 number takes 8 times a 4-bit one"),
+                           (1 - share, "that is the quantised (uint8) part; give the rest"),
+                           (100 * share, "give a fraction (0.5), not a percentage")])
 
 
 # ── 01 chat templates ─────────────────────────────────────────────────────────────────
@@ -163,15 +175,47 @@ def _trained_pretraining(answer: Any) -> Verdict:
                            (0, "pretraining data has no prompt: every token is trained")])
 
 
-@exercise("02.3", "why encode() tokenises the whole text at once (a/b/c)")
-def _whole_text(answer: Any) -> Verdict:
-    return choice(answer, "b",
-                  why="BPE merges across segment boundaries, so segment-wise ids differ from "
-                      "the ids the model sees at inference",
-                  hints={"a": "speed is not the point: the notebook shows segment-by-segment "
-                              "ids != apply_chat_template ids",
-                         "c": "the opposite: encode() passes add_special_tokens=False so the "
-                              "template is the only source of BOS"})
+def _losses(messages: list[dict[str, str]], train_on: str = "all") -> tuple[float, float]:
+    """(mean loss over the trained tokens, mean loss over every token) of the bundled model."""
+    import torch
+
+    from tutor.data import encode
+
+    sample = encode(messages, bundled_tokenizer(), train_on=train_on)
+    ids, labels = torch.tensor([sample["input_ids"]]), torch.tensor([sample["labels"]])
+    with torch.inference_mode():
+        model = bundled_model()
+        return model(input_ids=ids, labels=labels).loss.item(), \
+            model(input_ids=ids, labels=ids).loss.item()
+
+
+@exercise("02.3", "measure: the loss on the answers only vs on every token", given=TWO_TURNS)
+def _answer_vs_all(answer: Any) -> Verdict:
+    if isinstance(answer, (str, bytes)) or not hasattr(answer, "__len__") or len(answer) != 2:
+        raise Hint("give two numbers: (loss on the answers only, loss on every token)")
+    got = (as_float(answer[0], "a loss"), as_float(answer[1], "a loss"))
+    answers, every = _losses(TWO_TURNS)
+    last = _losses(TWO_TURNS, train_on="last")[0]
+
+    def near(a: float, b: float) -> bool:
+        return abs(a - b) <= 1e-3 * abs(b)
+
+    if near(got[0], answers) and near(got[1], every):
+        side = "lower" if every < answers else "higher"
+        return right(f"answers only {answers:.3f}, every token {every:.3f}: the prompt and the "
+                     f"template make the all-token loss {side}, and training on them would spend "
+                     "the gradient on text the model never has to write")
+    if near(got[0], every) and near(got[1], answers):
+        return wrong("the two are swapped: first the answers only (encode's labels), then "
+                     "every token (labels = input_ids)")
+    if near(got[0], last):
+        return wrong("that answer loss counts only the last answer (train_on='last'); "
+                     "encode()'s default trains both")
+    if near(got[1], answers):
+        return wrong("for every token pass labels=input_ids: no position is -100")
+    which = "first" if not near(got[0], answers) else "second"
+    return wrong(f"the {which} number is off: run model(input_ids=ids, labels=...) on the "
+                 "encoded conversation, once with encode's labels and once with labels=ids")
 
 
 # ── 03 custom dataset ─────────────────────────────────────────────────────────────────

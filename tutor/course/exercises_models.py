@@ -10,7 +10,6 @@ about the recipe instead, which the check can rebuild in seconds.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from typing import Any
@@ -21,6 +20,7 @@ from tutor.course.checks import (
     as_float,
     as_int,
     as_str,
+    bundled_model,
     bundled_tokenizer,
     choice,
     exercise,
@@ -145,15 +145,42 @@ def _allowed_pairs(answer: Any) -> Verdict:
                            (row * row, "that is every pair of the row")])
 
 
-@exercise("05.3", "why each sample's first label is -100 in a pack (a/b/c)")
-def _first_label(answer: Any) -> Verdict:
-    return choice(answer, "b",
-                  why="labels are shifted by one inside the model: without it the last token "
-                      "of one sample would learn to predict the next sample's first token",
-                  hints={"a": "it has nothing to do with BOS: the toy samples have none and "
-                              "still get -100; think of the shift by one",
-                         "c": "the mask isolates attention; the labels are a separate matter "
-                              "— think of the shift by one"})
+MASK_LENGTHS = [2, 4, 3]
+
+
+@exercise("05.3", "build the block-diagonal causal mask of a pack from its sample lengths",
+          given=MASK_LENGTHS)
+def _block_mask(answer: Any) -> Verdict:
+    import torch
+
+    from tutor.packing import collate, pack
+
+    row = sum(MASK_LENGTHS)
+    want = collate(pack(_toy(MASK_LENGTHS), row, strategy="greedy").packs)["attention_mask"][0, 0]
+    try:
+        got = torch.as_tensor(answer)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise Hint(f"give a {row} × {row} tensor (or nested list) of 0/1 or True/False") from exc
+    if got.dim() == 4 and got.shape[:2] == (1, 1):
+        got = got[0, 0]  # the (B, 1, L, L) form collate returns
+    if got.shape != want.shape:
+        return wrong(f"the mask is (query, key) = ({row}, {row}) for a row of {row} tokens, "
+                     f"not {tuple(got.shape)}")
+    got = got != 0
+    if torch.equal(got, want):
+        return right(f"{int(want.sum())} allowed (query, key) pairs: a causal triangle per "
+                     "sample, nothing across samples — what collate builds")
+    blocks = torch.block_diag(*(torch.ones(n, n) for n in MASK_LENGTHS)).bool()
+    mistakes = [(torch.ones(row, row).tril().bool(), "that is a plain causal mask over the "
+                                                     "whole row: samples may not see each other"),
+                (blocks, "inside a sample attention is still causal: key j ≤ query i"),
+                (want.T, "rows are queries, columns keys: query i may see keys j ≤ i")]
+    for value, hint in mistakes:
+        if torch.equal(got, value):
+            return wrong(hint)
+    i, j = (int(k) for k in (got != want).nonzero()[0])
+    return wrong(f"query {i}, key {j}: yours says {'attend' if got[i, j] else 'blocked'}; "
+                 "a query attends to a key only in its own sample and not after itself")
 
 
 # ── 06 QLoRA training ─────────────────────────────────────────────────────────────────
@@ -336,13 +363,6 @@ def _merge_precision(answer: Any) -> Verdict:
 ITALY = ("What is the capital of Italy?", "The capital of Italy is Rome.")
 
 
-@functools.cache
-def _model() -> Any:
-    from tutor.models import load
-
-    return load()[0]
-
-
 def _answer_loss(template: str, question: str, reference: str) -> float:
     """Mean NLL of `reference` after `question` rendered with `template` (notebook 08)."""
     import torch
@@ -358,7 +378,7 @@ def _answer_loss(template: str, question: str, reference: str) -> float:
     ids = torch.tensor([prompt_ids + answer_ids])
     labels = torch.tensor([[IGNORE_INDEX] * len(prompt_ids) + answer_ids])
     with torch.inference_mode():
-        return _model()(input_ids=ids, labels=labels).loss.item()
+        return bundled_model()(input_ids=ids, labels=labels).loss.item()
 
 
 @exercise("08.1", "how many times higher the answer loss is with llama2_chat than chatml",

@@ -1,4 +1,4 @@
-"""The course's exercises for notebook 09: ZeRO memory per GPU and what each stage splits.
+"""The course's exercises for notebook 09: ZeRO memory per GPU, and how many GPUs a stage needs.
 
 Same rules as `tutor.course.exercises_basics`: the expected answer is computed from the package
 (`tutor.course.zero`, `tutor.memory`) when the check runs.
@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from tutor.course.checks import Verdict, as_float, choice, exercise, judge
+from tutor.course.checks import (
+    Hint,
+    Verdict,
+    as_float,
+    as_int,
+    exercise,
+    judge,
+    right,
+    wrong,
+)
 
 ARCH, GPUS = "internlm2-chat-7b", 16
 
@@ -37,12 +46,34 @@ def _zero2_sixteen(answer: Any) -> Verdict:
                            (gib(3, GPUS), "that is ZeRO-3: ZeRO-2 keeps whole weights")])
 
 
-@exercise("09.2", "which stage also splits the weights themselves (a/b/c)")
-def _which_stage(answer: Any) -> Verdict:
-    return choice(answer, "c",
-                  why="ZeRO-3 partitions the parameters and gathers each layer just before "
-                      "it runs; ZeRO-1 splits optimizer states, ZeRO-2 adds the gradients",
-                  hints={"a": "ZeRO-1 splits only the optimizer states (Adam moments, fp32 "
-                              "master); every GPU still holds all weights",
-                         "b": "ZeRO-2 adds the gradients to what ZeRO-1 splits, but the "
-                              "weights stay whole on each GPU"})
+BUDGET_GIB = 24  # one RTX 4090 / A10G-class card
+
+
+@exercise("09.2", "the fewest 24 GiB GPUs on which ZeRO-3 fits the 7B full fine-tune")
+def _fewest_gpus(answer: Any) -> Verdict:
+    from tutor.course.zero import Zero, estimate_zero
+    from tutor.memory import GIB, KNOWN, Setup
+
+    arch, full = KNOWN[ARCH], Setup(method="full", seq_len=2048, dtype="bfloat16")
+
+    def gib(stage: int, gpus: int) -> float:
+        return estimate_zero(arch, full, Zero(stage=stage, gpus=gpus)).total / GIB
+
+    def fewest(stage: int) -> int:
+        return next(n for n in range(1, 1025) if gib(stage, n) <= BUDGET_GIB)
+
+    best, n = fewest(3), as_int(answer, "a number of GPUs")
+    if n < 1:
+        raise Hint("a number of GPUs, 1 or more")
+    if n == best:
+        odd = " (not a power of two: DeepSpeed does not mind)" if best & (best - 1) else ""
+        return right(f"{best} GPUs{odd}: {gib(3, best):.1f} GiB each; on {best - 1} each "
+                     f"would need {gib(3, best - 1):.1f} GiB")
+    if n == fewest(2):
+        return wrong(f"that is the answer for ZeRO-2 ({gib(2, n):.1f} GiB each); ZeRO-3 also "
+                     "splits the weights")
+    if gib(3, n) > BUDGET_GIB:
+        return wrong(f"on {n} GPUs each needs {gib(3, n):.1f} GiB > {BUDGET_GIB}: loop over "
+                     "gpus with estimate_zero(arch, full, Zero(stage=3, gpus=n)).total / GIB")
+    return wrong(f"{n} GPUs fit ({gib(3, n):.1f} GiB each), but fewer do too: try every count "
+                 "from 1 up, not only powers of two")

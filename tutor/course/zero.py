@@ -10,11 +10,17 @@ partitions what is redundant, 1/N per GPU, and fetches it when needed::
     stage 3   + parameters               each layer all-gathered just before it runs
     offload   optimizer state and fp32 gradients to CPU RAM (stage 3: parameters too)
 
-Stage 0 is `tutor.memory.estimate` unchanged (Trainer without DeepSpeed). For stages 1-3 we
-count DeepSpeed's mixed-precision layout, bytes per trainable number (dt = training dtype)::
+Every stage, 0 included, counts DeepSpeed's mixed-precision layout, bytes per trainable number
+(dt = training dtype)::
 
-    working copy dt · gradient dt · fp32 gradient partition 4 (made at the step)
+    working copy dt · gradient dt · fp32 gradient 4 (made for the step)
     · fp32 master 4 · Adam moments 8
+
+Stage 0 partitions none of it, so with one GPU every stage holds the same model states, and a
+higher stage never holds more of anything than a lower one. (`tutor.memory.estimate`, one GPU
+with torch's AdamW and no DeepSpeed, counts no fp32 gradient copy and keeps LoRA adapters in
+fp32: 4 bytes per trainable number less in full fine-tuning; its activations, recompute and
+logits rows are what every stage uses here.)
 
 For bf16 full fine-tuning that is DeepSpeed's own ``2 + 18 / N`` bytes per parameter under
 ZeRO-2; tests/test_zero.py checks every offload variant against deepspeed's estimators
@@ -122,21 +128,19 @@ class ZeroEstimate:
 def estimate_zero(arch: Arch, setup: Setup, zero: Zero) -> ZeroEstimate:
     """Per-GPU (and offloaded CPU) memory of training `arch` under `setup` with `zero`."""
     base = estimate(arch, setup)
-    if zero.stage == 0:
-        gpu = {**base.rows, "gathered layer": 0}
-        return ZeroEstimate(base, zero, gpu, dict.fromkeys(STATES, 0))
     if setup.optimizer != "adamw":
-        raise TutorError(f"optimizer {setup.optimizer}: under ZeRO DeepSpeed keeps its own fp32 "
-                         "Adam state; estimate with optimizer=adamw")
+        raise TutorError(f"optimizer {setup.optimizer}: under DeepSpeed (ZeRO stages 0-3) it "
+                         "keeps its own fp32 Adam state; estimate with optimizer=adamw")
     if setup.method == "qlora" and zero.stage == 3:
         raise TutorError("ZeRO-3 cannot partition a 4-bit base unless it is stored with "
                          "bnb_4bit_quant_storage=bfloat16, which tutor.models does not set; "
                          "use ZeRO-2 for QLoRA")
-    n, dt = zero.gpus, DTYPE_BYTES[setup.dtype]
+    # Stage 0 keeps whole copies: the layout of stages 1-3 with partitions of one.
+    n, dt = (zero.gpus if zero.stage else 1), DTYPE_BYTES[setup.dtype]
     numel = sum(trainable(arch, setup))
     part = -(-numel // n)  # DeepSpeed pads flat partitions to equal sizes
     adapters = numel * dt if setup.method != "full" else 0  # DeepSpeed casts them to dt
-    grads16 = numel if zero.stage == 1 else part  # stage 1 keeps whole gradients
+    grads16 = numel if zero.stage <= 1 else part  # stages 0 and 1 keep whole gradients
     gpu = {**base.rows, "LoRA adapters": adapters, "gradients": grads16 * dt + 4 * part,
            "optimizer state": 12 * part, "gathered layer": 0}
     cpu = dict.fromkeys(STATES, 0)
