@@ -22,7 +22,6 @@ from tutor.course.checks import (
     as_str,
     bundled_model,
     bundled_tokenizer,
-    choice,
     exercise,
     judge,
     right,
