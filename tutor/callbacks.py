@@ -12,11 +12,13 @@ Not handled: validation-set evaluation, TensorBoard/W&B (use ``report_to`` yours
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -231,9 +233,25 @@ def plot_loss(log_history: list[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; when the block succeeds it is renamed to `path`.
+
+    Readers never see half a file, and a failed block leaves `path` untouched (the temp
+    file is removed). For writers that need a file name (e.g. GGUFWriter), not a string.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def atomic_write(path: Path, text: str) -> None:
     """Write `text` to a temp file beside `path`, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
