@@ -11,7 +11,8 @@ from tiny_lora import tiny_base
 from tutor.demo import MARKER, Question, load_questions, prepare_out, run_practice, score
 from tutor.errors import TutorError
 
-STAGES = ["chat with the base model", "train", "convert", "merge", "chat with the merged model"]
+STAGES = ["chat with the base model", "train", "convert", "merge", "chat with the merged model",
+          "export", "chat with the exported file"]
 
 
 @pytest.mark.slow
@@ -42,6 +43,8 @@ def test_practice_on_a_tiny_budget_writes_every_stage(tmp_path, capsys):
     for name in ("adapter_config.json", "adapter_model.safetensors", "tutor_adapter.json"):
         assert (written["adapter"] / name).is_file(), name
     assert (written["merged"] / "model.safetensors").is_file()
+    assert written["gguf"].name == "pico.gguf" and written["modelfile"].name == "Modelfile"
+    assert s["export"]["type"] == "q8_0" and s["export"]["answer"]
     assert written["loss curve"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(written["summary"].read_text()) == s
     text = written["transcript"].read_text()

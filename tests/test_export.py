@@ -15,6 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
 
+from gotemplate import ollama_render  # noqa: E402
+
 from tutor.errors import TutorError  # noqa: E402
 from tutor.export import TYPES, export_gguf, export_model, unpermute_rows  # noqa: E402
 from tutor.gguf_check import TOLERANCE, compare, load_gguf, probe_prompts  # noqa: E402
@@ -25,8 +27,6 @@ from tutor.modelfile import (  # noqa: E402
     turn_layout,
 )
 from tutor.templates import get_template  # noqa: E402
-
-from gotemplate import ollama_render  # noqa: E402
 
 CHATML_JINJA = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
@@ -232,3 +232,78 @@ def test_bundled_export_round_trip(tmp_path, kind):
         text = (tmp_path / "Modelfile").read_text()
         assert text.startswith(f"FROM ./smol-{kind}.gguf\n")
         assert 'PARAMETER stop "<|im_end|>"' in text
+
+
+# ---- through llama.cpp (optional extra tutor[llamacpp]) ---------------------------------
+
+LLAMACPP = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("llama_cpp") is None,
+    reason="llama-cpp-python not installed (pip install 'tutor[llamacpp]')")
+N_TOKENS = 16  # leading greedy tokens compared between llama.cpp and transformers
+
+
+@pytest.fixture(scope="module")
+def bundled_ggufs(tmp_path_factory):
+    """The bundled model exported at f16, q8_0 and q4_0 (unchecked: other tests check)."""
+    from tutor.models import load, resolve
+
+    model, tok = load()
+    folder = tmp_path_factory.mktemp("gguf")
+    stops = get_template("auto", tokenizer=tok).stop_words
+    paths = {k: export_model(model, tok, Path(resolve("smollm2-135m-instruct")),
+                             folder / f"smol-{k}.gguf", k, stops).out
+             for k in ("f16", "q8_0", "q4_0")}
+    return model, tok, paths
+
+
+@pytest.mark.slow
+@LLAMACPP
+def test_llamacpp_answers_the_demo_questions_as_transformers(bundled_ggufs):
+    from tutor.chat_llamacpp import LlamaCppTokenizer, open_llama
+    from tutor.gguf_check import greedy_ids
+
+    model, tok, paths = bundled_ggufs
+    llm = open_llama(paths["f16"], n_ctx=512)
+    template = get_template("auto", tokenizer=tok)
+    for text in probe_prompts(template)[:-1]:  # the demo's questions, chat-formatted
+        ids = tok.encode(text, add_special_tokens=False)
+        assert LlamaCppTokenizer(llm).encode(text) == ids  # same tokenizer in the file
+        ours = []
+        for t in llm.generate(ids, reset=True, temp=0.0, top_k=1):
+            ours.append(t)
+            if len(ours) == N_TOKENS:
+                break
+        assert ours == greedy_ids(model, ids, N_TOKENS), text
+
+
+@pytest.mark.slow
+@LLAMACPP
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_identity_and_facts_survive_quantisation(bundled_ggufs, kind):
+    """No trained Pico adapter exists in the tests, so the identity checked is the bundled
+    model's own (SmolLM, from its default system prompt) plus a fact, through llama.cpp."""
+    from tutor.chat import GenerationSettings
+    from tutor.chat_llamacpp import open_session
+
+    _, _, paths = bundled_ggufs
+    session = open_session(paths[kind], settings=GenerationSettings(max_new_tokens=32))
+    assert "SmolLM" in session.send("Who are you?")
+    session.reset()
+    assert "Paris" in session.send("What is the capital of France?")
+
+
+@pytest.mark.slow
+@LLAMACPP
+def test_llamacpp_session_streams_stops_and_resets(bundled_ggufs):
+    from tutor.chat import GenerationSettings
+    from tutor.chat_repl import command, open_session
+
+    _, _, paths = bundled_ggufs
+    session = open_session(paths["q8_0"], settings=GenerationSettings(max_new_tokens=48))
+    pieces: list[str] = []
+    answer = session.send("What is the capital of France?", on_text=pieces.append)
+    assert "".join(pieces) == answer and len(pieces) > 1
+    assert session.last.stopped_by == "eos" and "<|im_end|>" not in answer
+    assert [m["role"] for m in session.history] == ["user", "assistant"]
+    out = __import__("io").StringIO()
+    assert command(session, "/reset", out) and session.history == []

@@ -198,7 +198,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, prompt_lookup=args.prompt_lookup)
     session = open_session(args.model, adapter=args.adapter, template=args.prompt_template,
-                           bits=args.bits, system=args.system, settings=settings)
+                           bits=args.bits, system=args.system, settings=settings,
+                           backend=args.backend)
     return run_chat(session, args.prompt, stream=not args.no_streamer, verbose=args.verbose)
 def _cmd_train(args: argparse.Namespace) -> int:
     import logging
@@ -333,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the .gguf file to write")
     p.add_argument("--type", default="q8_0", choices=("f16", "bf16", "q8_0", "q4_0"))
     p.add_argument("--adapter", help="a LoRA adapter dir to merge into MODEL first")
-    p.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile beside OUT")
+    p.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile")
     p.add_argument("--prompt-template", metavar="NAME",
                    help="chat template (default: recorded at training, else the tokenizer's)")
     p.add_argument("--no-check", action="store_true",
@@ -357,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-streamer", action="store_true", help="print whole answers at once")
     p.add_argument("--prompt", help="answer this one message and exit (or pipe stdin)")
     p.add_argument("--verbose", action="store_true", help="report tokens/s after each answer")
+    p.add_argument("--backend", default="auto", choices=("auto", "transformers", "llama.cpp"),
+                   help="for a .gguf MODEL: llama.cpp (auto: when llama-cpp-python is "
+                   "installed) or transformers")
     p.set_defaults(handler=_cmd_chat)
     _add_train_parsers(sub)
 

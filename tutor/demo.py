@@ -1,7 +1,9 @@
 """The main job behind `make demo`: the course's whole practice on the bundled model, in one go.
 
     chat with the base model → train (the QLoRA recipe) → convert (checkpoint → adapter)
-    → merge (+ the logits check) → chat with the merged model → transcript.md, summary.json
+    → merge (+ the logits check) → chat with the merged model → export (GGUF q8_0 + Ollama
+    Modelfile, checked against the merged model) → one answer from the exported file
+    → transcript.md, summary.json
 
 Each stage is one call into the package (`tutor.chat`, `tutor.train`, `tutor.merge`); this
 module only orders them, times them and writes down what happened. Both chats get the same
@@ -10,8 +12,8 @@ data/assistant_heldout.jsonl (never trained on; each lists keywords a good answe
 and general-knowledge questions, to show that fine-tuning did not break the model.
 
 OUT holds ``run/`` (training output, ``loss.png``), ``adapter/``, ``merged/``,
-``transcript.md`` and ``summary.json``. `quick_demo` is the smoke test: load a model and
-answer a few questions, no training.
+``pico.gguf`` + ``Modelfile``, ``transcript.md`` and ``summary.json``. `quick_demo` is the
+smoke test: load a model and answer a few questions, no training.
 
 Not handled: resuming a half-finished demo (a rerun starts over in the same OUT), sampling
 (answers are greedy, so reruns are comparable), peak memory on Windows (no `resource`).
@@ -43,6 +45,7 @@ MARKER = ".tutor-demo"  # OUT was made by the demo, so a rerun may replace it
 # Applied before the caller's overrides: the demo asks its own questions before and after,
 # so the recipe's evaluation chat during training would only repeat two of them.
 DEMO_OVERRIDES = ("evaluation.prompts=[]",)
+GGUF_NAME = "pico.gguf"
 
 
 @dataclass
@@ -176,6 +179,11 @@ def format_summary(s: dict[str, Any]) -> str:
         f"({t['all_tok_s']:.0f} all), final loss {t['final_loss']:.4f}",
         f"merge: logits check max |diff| {m['max_abs_diff']:.1e} <= {m['tolerance']:g}",
     ]
+    if "export" in s:
+        e = s["export"]
+        lines += [f"export: {e['type']} GGUF {e['mib']:.1f} MiB, max |logit diff| "
+                  f"{e['max_abs_diff']:.2g}, next-token agreement {e['agreement']:.3f}",
+                  f"from the file: {e['question']} → {e['answer']}"]
     for kind, row in s["answers_with_every_keyword"].items():
         lines.append(f"{kind} questions answered with every keyword: before "
                      f"{row['before']}/{row['of']}, after {row['after']}/{row['of']}")
@@ -192,13 +200,16 @@ def run_practice(
     overrides: Sequence[str] = (),
     heldout: str | Path = HELDOUT,
     max_new_tokens: int = 48,
+    export_type: str = "q8_0",
 ) -> dict[str, Any]:
     """Base chat → train → convert → merge → merged chat; write and return the summary.
 
     `overrides` are `--set` assignments for the recipe (e.g. ``train.max_steps=2``), applied
-    after `DEMO_OVERRIDES`; ``output_dir`` is always OUT/run. Returns what summary.json holds.
+    after `DEMO_OVERRIDES`; ``output_dir`` is always OUT/run. `export_type`: the GGUF type of
+    the export stage. Returns what summary.json holds.
     """
     from tutor.callbacks import LOSS_PLOT, atomic_write
+    from tutor.export import export_gguf
     from tutor.merge import convert_checkpoint, merge
     from tutor.models import resolve
     from tutor.train import last_checkpoint, train
@@ -223,6 +234,11 @@ def run_practice(
         print(report.summary())
     with clock("chat with the merged model"):
         answer_all(out / "merged", questions, "after", max_new_tokens)
+    with clock("export"):
+        exported = export_gguf(str(out / "merged"), out / GGUF_NAME, export_type, ollama=True)
+        print(exported.summary())
+    with clock("chat with the exported file"):
+        gguf_answer = answer_from_file(out / GGUF_NAME, questions[0].text, max_new_tokens)
     m = result.metrics
     summary = {
         "recipe": recipe, "overrides": list(overrides), "base_model": cfg.model,
@@ -233,12 +249,17 @@ def run_practice(
         "merge": {"max_abs_diff": report.max_abs_diff, "tolerance": report.tolerance,
                   "adapter_mib": report.adapter_bytes / 2**20,
                   "merged_mib": report.merged_bytes / 2**20},
+        "export": {"type": export_type, "mib": round(exported.bytes / 2**20, 1),
+                   "max_abs_diff": exported.check.max_abs_diff,
+                   "agreement": exported.check.agreement,
+                   "question": questions[0].text, "answer": gguf_answer},
         "answers_with_every_keyword": score(questions),
         "load_average": {"start": load_start, "end": load_average()},
         "cpu_count": os.cpu_count(),
         "written": {"output dir": str(out), "checkpoint": str(checkpoint),
                     "adapter": str(adapter), "merged": str(out / "merged"),
                     "loss curve": str(result.output_dir / LOSS_PLOT),
+                    "gguf": exported.out, "modelfile": str(exported.modelfile),
                     "transcript": str(out / "transcript.md"),
                     "summary": str(out / "summary.json")},
     }
@@ -246,6 +267,17 @@ def run_practice(
     atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"\n=== summary ===\n{format_summary(summary)}", flush=True)
     return summary
+
+
+def answer_from_file(path: Path, question: str, max_new_tokens: int) -> str:
+    """Greedy answer to `question` from a GGUF file (llama.cpp if installed, else transformers)."""
+    from tutor.chat import GenerationSettings
+    from tutor.chat_repl import open_session
+
+    session = open_session(str(path), settings=GenerationSettings(max_new_tokens=max_new_tokens))
+    answer = session.send(question)
+    print(f"[{path.name}] {question}\n    → {answer}", flush=True)
+    return answer
 
 
 def quick_demo(model: str = "smollm2-135m-instruct", bits: int | None = None) -> list[str]:

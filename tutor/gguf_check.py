@@ -12,14 +12,11 @@ template, plus one plain sentence):
 - at f16/bf16 the greedy answers must be equal token for token for the first
   `GREEDY_TOKENS` tokens (reported, not required, for q8_0/q4_0).
 
-Tolerances were measured on SmolLM2-135M-Instruct (bundled; logits of size ~20) with
-transformers 5.24 and gguf 0.19, AVX2 EPYC, fp32 compute, then rounded up ~2x:
+Tolerances: measured by bench/export_check.py on SmolLM2-135M-Instruct (bundled), fp32
+compute, transformers 5.24, gguf 0.19 (bench/results/export_check.md), then set above the
+measurement with a margin:
 
-    type   max |logit diff|   agreement   →  TOLERANCE   MIN_AGREEMENT
-    f16    0.031              1.000           0.1         0.99
-    bf16   0.27               1.000           0.6         0.97
-    q8_0   0.17               0.997           0.5         0.95
-    q4_0   2.1                0.899           4.0         0.80
+    MEASURED_TABLE
 
 A quantised file is *meant* to differ; the bounds catch a broken export (a missing
 rotary unpermute gives differences of ~20 and agreement near 0), not rounding.
@@ -29,6 +26,10 @@ when llama-cpp-python is installed).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,22 +77,44 @@ def probe_prompts(template: Any) -> list[str]:
             for q in questions] + [PLAIN_TEXT]
 
 
+@contextlib.contextmanager
+def _alone(path: Path) -> Iterator[Path]:
+    """A temp directory holding only a link to GGUF `path`.
+
+    transformers reads a tokenizer_config.json or config.json lying beside the GGUF (an
+    export written into a model directory) and then loses the file's own special tokens
+    and chat template; alone in a directory, the GGUF is all it reads.
+    """
+    if not path.is_file():
+        raise TutorError(f"no GGUF file at {path}")
+    with tempfile.TemporaryDirectory(prefix=".tutor-gguf-") as tmp:
+        link = Path(tmp) / path.name
+        os.symlink(path.resolve(), link)
+        yield link
+
+
+def gguf_tokenizer(path: str | Path) -> Any:
+    """The HF tokenizer stored in a GGUF file (tokens, merges, specials, chat template)."""
+    from transformers import AutoTokenizer
+
+    with _alone(Path(path)) as link:
+        tokenizer = AutoTokenizer.from_pretrained(link.parent, gguf_file=link.name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_gguf(path: str | Path) -> tuple[Any, Any]:
     """(model fp32 eval, tokenizer) from a GGUF file via transformers (dequantised)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from tutor.models import _no_progress_bars
 
-    path = Path(path)
-    if not path.is_file():
-        raise TutorError(f"no GGUF file at {path}")
-    with _no_progress_bars():
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+    tokenizer = gguf_tokenizer(path)
+    with _alone(Path(path)) as link, _no_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(link.parent, gguf_file=link.name,
                                                      dtype=torch.float32)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
 
 
