@@ -47,7 +47,8 @@ def main() -> None:
     src = Path(resolve("smollm2-135m-instruct"))
     model, tok = load(src)
     template = get_template("auto", tokenizer=tok)
-    results = {}
+    old = OUT / "export_check.json"  # other types keep their last measurement
+    results = json.loads(old.read_text()) if old.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.types:
             path = Path(tmp) / f"smol-{kind}.gguf"

@@ -103,6 +103,11 @@ def test_tiny_llama_round_trip(tmp_path, kind):
     out = tmp_path / f"tiny-{kind}.gguf"
     report = export_model(model, tok, tmp_path / "src", out, kind, template.stop_words)
     assert report.fallbacks == [] and out.is_file() and report.bytes == out.stat().st_size
+    if kind == "q4_0":
+        _, tensors = read_fields(out)
+        assert tensors["blk.0.attn_q.weight"] == tensors["blk.1.ffn_up.weight"] == "Q4_0"
+        assert tensors["token_embd.weight"] == tensors["blk.0.attn_v.weight"] == \
+            tensors["blk.1.ffn_down.weight"] == "Q8_0"
     reloaded, rtok = load_gguf(out)
     check = compare(model, tok, reloaded, rtok, kind, probe_prompts(template), n_greedy=8)
     # Argmax agreement is not asserted here: a random model has near-ties that flip under
@@ -141,13 +146,35 @@ def test_untied_head_and_block_fallback(tmp_path):
     report = export_model(model, tok, tmp_path / "src", out, "q4_0", ("<|im_end|>",))
     _, tensors = read_fields(out)
     assert tensors["output.weight"] == "F16" and "output.weight" in report.fallbacks
-    assert tensors["blk.0.ffn_down.weight"] == "Q4_0"  # rows of 96 fit
+    assert tensors["blk.0.ffn_down.weight"] == "Q8_0"  # rows of 96 fit; more bits in q4_0
     assert tensors["blk.0.attn_q.weight"] == "F16"
     assert "kept F16" in report.summary()
     reloaded, rtok = load_gguf(out)
     template = get_template("auto", tokenizer=tok)
     check = compare(model, tok, reloaded, rtok, "q4_0", probe_prompts(template), n_greedy=4)
     assert check.max_abs_diff <= TOLERANCE["q4_0"]
+
+
+def test_chat_with_the_file_through_transformers(tmp_path, capsys):
+    """`tutor chat FILE.gguf --backend transformers` answers as the source model does."""
+    from tutor.chat import ChatSession, GenerationSettings
+    from tutor.chat_repl import open_session
+    from tutor.cli import main
+
+    model, tok = tiny_llama(tmp_path / "src")
+    out = tmp_path / "t.gguf"
+    export_model(model, tok, tmp_path / "src", out, "f16", ("<|im_end|>",))
+    settings = GenerationSettings(max_new_tokens=6)
+    from_file = open_session(str(out), settings=settings, backend="transformers")
+    source = ChatSession(model, tok, settings=GenerationSettings(max_new_tokens=6))
+    assert from_file.send("Who are you?") == source.send("Who are you?")
+    assert from_file.template.stop_words == ("<|im_end|>",)  # the file's own template
+    with pytest.raises(TutorError, match="do not apply to a GGUF file"):
+        open_session(str(out), bits=4, backend="transformers")
+    capsys.readouterr()
+    assert main(["chat", str(out), "--backend", "transformers", "--prompt", "Who are you?",
+                 "--max-new-tokens", "6", "--no-streamer"]) == 0
+    assert capsys.readouterr().out.strip() == source.history[-1]["content"]
 
 
 def test_refuses_other_architectures(tmp_path):

@@ -12,14 +12,20 @@ template, plus one plain sentence):
 - at f16/bf16 the greedy answers must be equal token for token for the first
   `GREEDY_TOKENS` tokens (reported, not required, for q8_0/q4_0).
 
-Tolerances: measured by bench/export_check.py on SmolLM2-135M-Instruct (bundled), fp32
-compute, transformers 5.24, gguf 0.19 (bench/results/export_check.md), then set above the
-measurement with a margin:
+Tolerances: measured by bench/export_check.py on SmolLM2-135M-Instruct (bundled),
+fp32 compute, transformers 5.24, gguf 0.19, AVX2 EPYC
+(bench/results/export_check.md), then set above the measurement with a margin:
 
-    MEASURED_TABLE
+    type  MiB    max |logit diff|  agreement  greedy equal  →  TOLERANCE  MIN_AGREEMENT
+    f16   258.3  0.041             1.000      16, 16, 16       0.1        0.98
+    bf16  258.3  0.276             1.000      16, 16, 16       0.6        0.97
+    q8_0  138.1  1.32              0.968      16, 16, 16       2.5        0.92
+    q4_0  101.7  12.7              0.768      0, 6, 4          25         0.65
 
-A quantised file is *meant* to differ; the bounds catch a broken export (a missing
-rotary unpermute gives differences of ~20 and agreement near 0), not rounding.
+A quantised file is *meant* to differ: the bounds catch gross breakage (a wrong tensor
+order or tokenizer), not rounding. q4_0's are wide because 4 bits on a 135M model change
+the greedy answers within a few tokens (the bundled model's q4_0 still answers "What is
+the capital of France?" with Paris); prefer q8_0 for small models.
 Not handled: comparing through llama.cpp itself (see tests/test_export.py, which does
 when llama-cpp-python is installed).
 """
@@ -36,8 +42,8 @@ from typing import Any
 
 from tutor.errors import TutorError
 
-TOLERANCE = {"f16": 0.1, "bf16": 0.6, "q8_0": 0.5, "q4_0": 4.0}
-MIN_AGREEMENT = {"f16": 0.99, "bf16": 0.97, "q8_0": 0.95, "q4_0": 0.80}
+TOLERANCE = {"f16": 0.1, "bf16": 0.6, "q8_0": 2.5, "q4_0": 25.0}
+MIN_AGREEMENT = {"f16": 0.98, "bf16": 0.97, "q8_0": 0.92, "q4_0": 0.65}
 GREEDY_TOKENS = 16  # leading greedy tokens that must match at f16/bf16
 EXACT_GREEDY = ("f16", "bf16")
 PLAIN_TEXT = "Low-rank adapters add a small update to each weight matrix."
