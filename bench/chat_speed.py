@@ -136,11 +136,15 @@ def one_engine(name: str, max_new_tokens: int, threads: int | None) -> dict:
     from tutor.templates import get_template
 
     spec = ENGINES[name]
-    _, tok = load() if isinstance(spec, str) else (None, None)
     rows = []
     if isinstance(spec, str):
-        from tutor.chat_llamacpp import LlamaCppTokenizer, open_llama
+        from transformers import AutoTokenizer
 
+        from tutor.chat_llamacpp import LlamaCppTokenizer, open_llama
+        from tutor.models import resolve
+
+        # the tokenizer only (its chat template): loading the HF model would inflate the RSS
+        tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m-instruct"))
         llm = open_llama(GGUF_DIR / f"smol-{spec}.gguf", threads=threads)
         template = get_template("auto", tokenizer=tok)
         for label, messages in PROMPTS.items():

@@ -46,7 +46,7 @@ def open_llama(path: str | Path, n_ctx: int = 4096, threads: int | None = None) 
     if not path.is_file():
         raise TutorError(f"no GGUF file at {path}")
     return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads or os.cpu_count(),
-                 verbose=False, logits_all=False)
+                 verbose=False)
 
 
 class LlamaCppTokenizer:
