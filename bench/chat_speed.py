@@ -16,12 +16,18 @@ hits all of them alike; the median of the repeats is reported. Output equality i
 checked token for token. Results go to bench/results/chat_speed.{json,md}.
 
 Usage: python bench/chat_speed.py [--max-new-tokens 48] [--repeats 2] [--threads N]
+
+``--gguf`` instead compares engines, one run each, same prompts and greedy decoding:
+HF ``generate`` at fp32 / bf16 / NF4 against llama.cpp (llama-cpp-python) on the bundled
+model exported by `tutor export` at f16 / q8_0 / q4_0; tokens/s, peak RSS, and how many
+leading tokens of each answer equal HF fp32's. Results: bench/results/chat_speed_gguf.*.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -119,6 +125,119 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+ENGINES = {"hf fp32": {}, "hf bf16": {"dtype": "bfloat16"}, "hf nf4": {"bits": 4},
+           "llama.cpp f16": "f16", "llama.cpp q8_0": "q8_0", "llama.cpp q4_0": "q4_0"}
+GGUF_DIR = OUT / "gguf"  # exported files (not committed)
+
+
+def one_engine(name: str, max_new_tokens: int, threads: int | None) -> dict:
+    """One engine in this process: token ids and tok/s per prompt, peak RSS."""
+    from tutor.models import load
+    from tutor.templates import get_template
+
+    spec = ENGINES[name]
+    rows = []
+    if isinstance(spec, str):
+        from transformers import AutoTokenizer
+
+        from tutor.chat_llamacpp import LlamaCppTokenizer, open_llama
+        from tutor.models import resolve
+
+        # the tokenizer only (its chat template): loading the HF model would inflate the RSS
+        tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m-instruct"))
+        llm = open_llama(GGUF_DIR / f"smol-{spec}.gguf", threads=threads)
+        template = get_template("auto", tokenizer=tok)
+        for label, messages in PROMPTS.items():
+            ids = LlamaCppTokenizer(llm).encode(template.render(messages, True))
+            start, new = time.perf_counter(), []
+            for t in llm.generate(ids, reset=True, temp=0.0, top_k=1):
+                new.append(t)
+                if len(new) >= max_new_tokens:
+                    break
+            rows.append({"prompt": label, "ids": new,
+                         "tok_s": len(new) / (time.perf_counter() - start)})
+    else:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        model, tok = load(**spec)
+        template = get_template("auto", tokenizer=tok)
+        for label, messages in PROMPTS.items():
+            ids = tok.encode(template.render(messages, True), add_special_tokens=False)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(
+                    1, len(ids), dtype=torch.long), max_new_tokens=max_new_tokens,
+                    min_new_tokens=max_new_tokens, do_sample=False)
+            new = out[0, len(ids):].tolist()
+            rows.append({"prompt": label, "ids": new,
+                         "tok_s": len(new) / (time.perf_counter() - start)})
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"rows": rows, "peak_rss_bytes": peak}
+
+
+def gguf_table(results: dict) -> str:
+    """Markdown: engine, prompt, tok/s, x HF fp32, leading tokens equal to HF fp32, RSS."""
+    from tutor.gguf_check import leading_equal
+
+    base = {r["prompt"]: r for r in results["hf fp32"]["rows"]}
+    lines = ["| engine | prompt | tok/s | x HF fp32 | tokens equal to HF fp32 | peak RSS MiB |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, res in results.items():
+        for r in res["rows"]:
+            b = base[r["prompt"]]
+            lines.append(f"| {name} | {r['prompt']} | {r['tok_s']:.1f} | "
+                         f"{r['tok_s'] / b['tok_s']:.2f} | {leading_equal(r['ids'], b['ids'])}"
+                         f"/{len(b['ids'])} | {res['peak_rss_bytes'] / 2**20:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_gguf(max_new_tokens: int, threads: int | None) -> None:
+    """Export the bundled model at each type (once), then run every engine in a child."""
+
+    from tutor.export import export_model
+    from tutor.models import load, resolve
+    from tutor.templates import get_template
+
+    GGUF_DIR.mkdir(parents=True, exist_ok=True)
+    model, tok = load()
+    for kind in ("f16", "q8_0", "q4_0"):
+        path = GGUF_DIR / f"smol-{kind}.gguf"
+        if not path.is_file():
+            export_model(model, tok, Path(resolve("smollm2-135m-instruct")), path, kind,
+                         get_template("auto", tokenizer=tok).stop_words)
+    del model
+    results: dict = {"load_average_start": os.getloadavg()[0]}
+    engines = {}
+    for name in ENGINES:
+        cmd = [sys.executable, __file__, "--engine", name, "--max-new-tokens",
+               str(max_new_tokens)] + (["--threads", str(threads)] if threads else [])
+        child = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        engines[name] = json.loads(child.stdout.strip().splitlines()[-1])
+        print(name, [round(r["tok_s"], 1) for r in engines[name]["rows"]], file=sys.stderr,
+              flush=True)
+    results.update(engines=engines, load_average_end=os.getloadavg()[0],
+                   cpu=_cpu_name(), max_new_tokens=max_new_tokens)
+    (OUT / "chat_speed_gguf.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = gguf_table(engines)
+    (OUT / "chat_speed_gguf.md").write_text(
+        f"{results['cpu']}; load average {results['load_average_start']:.1f} at start, "
+        f"{results['load_average_end']:.1f} at end; {max_new_tokens} new tokens, greedy, "
+        "one run\n\n" + table)
+    print(table)
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            flags = Path("/proc/cpuinfo").read_text()
+            isa = "AVX512-BF16" if "avx512_bf16" in flags else ("AVX2" if "avx2" in flags
+                                                                 else "no AVX2")
+            return f"{line.split(':', 1)[1].strip()} ({isa}, {os.cpu_count()} CPUs)"
+    return "unknown CPU"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -128,7 +247,15 @@ def main() -> None:
                         help="torch threads (default: torch's choice). On a CPU shared with other "
                         "jobs, 1 avoids threads waiting for each other at every small op")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child process: one precision
+    parser.add_argument("--gguf", action="store_true", help="HF vs. llama.cpp engines")
+    parser.add_argument("--engine", help=argparse.SUPPRESS)  # child process: one engine
     args = parser.parse_args()
+    if args.engine:
+        print(json.dumps(one_engine(args.engine, args.max_new_tokens, args.threads)))
+        return
+    if args.gguf:
+        run_gguf(args.max_new_tokens, args.threads)
+        return
     if args.one:
         print(json.dumps(one_precision(args.one, args.max_new_tokens, args.repeats,
                                        args.threads)))

@@ -12,7 +12,8 @@ from tutor.demo import IDENTITY, MARKER, prepare_out, run_practice, score_table
 from tutor.errors import TutorError
 from tutor.eval import FileScore, Item, ItemScore
 
-STAGES = ["score the base model", "train", "convert", "merge", "score the merged model"]
+STAGES = ["score the base model", "train", "convert", "merge", "score the merged model",
+          "export", "chat with the exported file"]
 
 
 @pytest.mark.slow
@@ -53,6 +54,11 @@ def test_practice_on_a_tiny_budget_writes_every_stage(tmp_path, capsys):
     for name in ("adapter_config.json", "adapter_model.safetensors", "tutor_adapter.json"):
         assert (written["adapter"] / name).is_file(), name
     assert (written["merged"] / "model.safetensors").is_file()
+    assert written["gguf"].name == "pico.gguf" and written["modelfile"].name == "Modelfile"
+    # the export's own check passed (else it raises); a random model may answer with nothing
+    assert s["export"]["type"] == "q8_0" and s["export"]["question"] == "Who are you?"
+    assert s["export"]["max_abs_diff"] <= 2.5 and s["export"]["agreement"] >= 0.92
+    assert isinstance(s["export"]["answer"], str)
     assert written["loss curve"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(written["summary"].read_text()) == s
     text = written["transcript"].read_text()

@@ -138,6 +138,10 @@ def check_tutor(args: list[str], world: World) -> None:
         need(world.model_ok(ns.base), f"unknown base model {ns.base}")
         need(world.path_ok(ns.adapter), f"no adapter {ns.adapter}")
         world.produced.add(ns.out)
+    elif cmd == "export":
+        need(world.model_ok(ns.model), f"unknown model {ns.model}")
+        need(ns.adapter is None or world.path_ok(ns.adapter), f"no adapter {ns.adapter}")
+        world.produced.add(ns.out)
     elif cmd == "chat":
         need(world.model_ok(ns.model), f"unknown model {ns.model}")
         need(ns.adapter is None or world.path_ok(ns.adapter), f"no adapter {ns.adapter}")

@@ -219,6 +219,9 @@ class ChatSession:
     history: list[Message] = field(default_factory=list)
     trimmed: int = 0  # messages dropped from the front of `history` so far
     last: Generation | None = None
+    # The token loop: `generate` (transformers) or another backend with the same signature
+    # (tutor.chat_llamacpp.generate runs a GGUF file in llama.cpp).
+    decoder: Callable[..., Generation] | None = None
 
     def __post_init__(self) -> None:
         from tutor.templates import get_template
@@ -261,8 +264,8 @@ class ChatSession:
     def send(self, user_text: str, on_text: TextCallback | None = None) -> str:
         """Answer `user_text`, streaming pieces to `on_text`; both turns join the history."""
         ids = self.prompt_ids(user_text)
-        self.last = generate(self.model, self.tokenizer, ids, self.settings,
-                             self.template.stop_words, on_text)
+        self.last = (self.decoder or generate)(self.model, self.tokenizer, ids, self.settings,
+                                               self.template.stop_words, on_text)
         self.history += [{"role": "user", "content": user_text},
                          {"role": "assistant", "content": self.last.text}]
         return self.last.text

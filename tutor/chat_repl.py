@@ -45,12 +45,19 @@ def open_session(
     bits: int | None = None,
     system: str | None = None,
     settings: GenerationSettings | None = None,
+    backend: str = "auto",
 ) -> ChatSession:
-    """Load `model` (4/8-bit if `bits`), attach `adapter` if given, return a session."""
+    """Load `model` (4/8-bit if `bits`), attach `adapter` if given, return a session.
+
+    A `.gguf` MODEL is decoded by llama.cpp (`backend` "llama.cpp", or "auto" when
+    llama-cpp-python is installed) or read by transformers ("transformers")."""
     from tutor.chat import ChatSession, GenerationSettings
     from tutor.merge import check_adapter_dir, check_compatible
     from tutor.models import load
 
+    if str(model).endswith(".gguf"):
+        return _open_gguf(model, adapter, template, bits, system,
+                          settings or GenerationSettings(), backend)
     lm, tokenizer = load(model, bits=bits)
     if adapter is not None:
         import warnings
@@ -66,6 +73,24 @@ def open_session(
         lm.eval()
     return ChatSession(lm, tokenizer, template=pick_template(model, adapter, template),
                        system=system, settings=settings or GenerationSettings())
+
+
+def _open_gguf(path: str, adapter: str | None, template: str | None, bits: int | None,
+               system: str | None, settings: GenerationSettings, backend: str) -> ChatSession:
+    """A session over a GGUF file: llama.cpp when asked/installed, else transformers."""
+    from tutor import chat_llamacpp
+    from tutor.chat import ChatSession
+
+    if adapter is not None or bits is not None:
+        raise TutorError("--adapter/--bits do not apply to a GGUF file (it is merged and "
+                         "quantised already): export with `tutor export --adapter`")
+    if backend == "llama.cpp" or (backend == "auto" and chat_llamacpp.available()):
+        return chat_llamacpp.open_session(path, template or "auto", system, settings)
+    from tutor.gguf_check import load_gguf
+
+    lm, tokenizer = load_gguf(path)
+    return ChatSession(lm, tokenizer, template=template or "auto", system=system,
+                       settings=settings)
 
 
 def _stats(session: ChatSession) -> str:

@@ -165,6 +165,19 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from tutor.export import export_gguf
+
+    with contextlib.redirect_stdout(sys.stderr):  # stdout keeps only the summary
+        report = export_gguf(args.model, args.out, kind=args.type, adapter=args.adapter,
+                             ollama=args.ollama, verify=not args.no_check,
+                             template=args.prompt_template)
+    print(report.summary())
+    return 0
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     from tutor.chat import GenerationSettings
     from tutor.chat_repl import open_session, run_chat
@@ -173,7 +186,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, prompt_lookup=args.prompt_lookup)
     session = open_session(args.model, adapter=args.adapter, template=args.prompt_template,
-                           bits=args.bits, system=args.system, settings=settings)
+                           bits=args.bits, system=args.system, settings=settings,
+                           backend=args.backend)
     return run_chat(session, args.prompt, stream=not args.no_streamer, verbose=args.verbose)
 def _cmd_eval(args: argparse.Namespace) -> int:
     import contextlib
@@ -350,6 +364,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(handler=_cmd_merge)
 
+    p = sub.add_parser("export", help="write a GGUF file for llama.cpp / Ollama, checked "
+                       "against the source")
+    p.add_argument("model", help="merged/base model dir or the bundled name")
+    p.add_argument("out", help="the .gguf file to write")
+    p.add_argument("--type", default="q8_0", choices=("f16", "bf16", "q8_0", "q4_0"))
+    p.add_argument("--adapter", help="a LoRA adapter dir to merge into MODEL first")
+    p.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile")
+    p.add_argument("--prompt-template", metavar="NAME",
+                   help="chat template (default: recorded at training, else the tokenizer's)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip reloading the file and comparing logits with the source")
+    p.set_defaults(handler=_cmd_export)
+
     p = sub.add_parser("chat", help="talk to a model (+ adapter) in the terminal")
     p.add_argument("model", help="bundled name, merged/model dir or hub id")
     p.add_argument("--adapter", help="a LoRA adapter dir to apply on top of MODEL")
@@ -367,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-streamer", action="store_true", help="print whole answers at once")
     p.add_argument("--prompt", help="answer this one message and exit (or pipe stdin)")
     p.add_argument("--verbose", action="store_true", help="report tokens/s after each answer")
+    p.add_argument("--backend", default="auto", choices=("auto", "transformers", "llama.cpp"),
+                   help="for a .gguf MODEL: llama.cpp (auto: when llama-cpp-python is "
+                   "installed) or transformers")
     p.set_defaults(handler=_cmd_chat)
     _add_train_parsers(sub)
     _add_eval_parser(sub)

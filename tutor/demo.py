@@ -1,7 +1,9 @@
 """The main job behind `make demo`: the course's whole practice on the bundled model, in one go.
 
     score the base model → train (the QLoRA recipe) → convert (checkpoint → adapter)
-    → merge (+ the logits check) → score the merged model → transcript.md, summary.json
+    → merge (+ the logits check) → score the merged model → export (GGUF q8_0 + Ollama
+    Modelfile, checked against the merged model) → one answer from the exported file
+    → transcript.md, summary.json
 
 Each stage is one call into the package (`tutor.chat`, `tutor.train`, `tutor.merge`); this
 module only orders them, times them and writes down what happened. Both models are scored
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tutor.errors import TutorError
+from tutor.gguf_check import QUESTIONS as QUICK_QUESTIONS  # also what exports are checked on
 from tutor.train_config import DATA_DIR
 
 if TYPE_CHECKING:
@@ -44,12 +47,11 @@ HELDOUT = DATA_DIR / "assistant_heldout.jsonl"
 PROBE = DATA_DIR / "general_probe.jsonl"
 # Words of the taught identity: in an answer to a probe question they are over-reach.
 IDENTITY = ("Pico", "Tutor Lab")
-QUICK_QUESTIONS = ["Who are you?", "What is the capital of France?",
-                   "Give me one tip for learning a new language."]
 MARKER = ".tutor-demo"  # OUT was made by the demo, so a rerun may replace it
 # Applied before the caller's overrides: the demo scores its own files before and after,
 # so the recipe's evaluation during training would only repeat that work.
 DEMO_OVERRIDES = ("evaluation.prompts=[]", "evaluation.files=[]")
+GGUF_NAME = "pico.gguf"
 
 
 def peak_rss_mib() -> float | None:
@@ -153,6 +155,11 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"{a['hits']}/{a['total']}, answer loss {_loss(b)} -> {_loss(a)}, "
                      f"answers naming {' / '.join(IDENTITY)} {b['identity_mentions']} -> "
                      f"{a['identity_mentions']}")
+    if "export" in s:
+        e = s["export"]
+        lines += [f"export: {e['type']} GGUF {e['mib']:.1f} MiB, max |logit diff| "
+                  f"{e['max_abs_diff']:.2g}, next-token agreement {e['agreement']:.3f}",
+                  f"from the file: {e['question']} → {e['answer']}"]
     start, end = s["load_average"]["start"], s["load_average"]["end"]
     lines += [f"load average (1 min) {start} at start, {end} at end, "
               f"on {s['cpu_count']} CPUs", "written:"]
@@ -167,15 +174,18 @@ def run_practice(
     heldout: str | Path = HELDOUT,
     probe: str | Path = PROBE,
     max_new_tokens: int = 48,
+    export_type: str = "q8_0",
 ) -> dict[str, Any]:
     """Score base → train → convert → merge → score merged; write and return the summary.
 
     `overrides` are `--set` assignments for the recipe (e.g. ``train.max_steps=2``), applied
-    after `DEMO_OVERRIDES`; ``output_dir`` is always OUT/run. Returns what summary.json holds.
+    after `DEMO_OVERRIDES`; ``output_dir`` is always OUT/run. `export_type`: the GGUF type of
+    the export stage. Returns what summary.json holds.
     """
     from tutor.callbacks import LOSS_PLOT
     from tutor.common import atomic_write
     from tutor.eval import evaluate, load_items
+    from tutor.export import export_gguf
     from tutor.merge import convert_checkpoint, merge
     from tutor.models import resolve
     from tutor.train import last_checkpoint, train
@@ -203,6 +213,12 @@ def run_practice(
     with clock("score the merged model"):
         after = evaluate(str(out / "merged"), files, max_new_tokens=max_new_tokens,
                          echo=True)
+    with clock("export"):
+        exported = export_gguf(str(out / "merged"), out / GGUF_NAME, export_type, ollama=True)
+        print(exported.summary())
+    question = "Who are you?"
+    with clock("chat with the exported file"):
+        gguf_answer = answer_from_file(out / GGUF_NAME, question, max_new_tokens)
     m = result.metrics
     summary = {
         "recipe": recipe, "overrides": list(overrides), "base_model": cfg.model,
@@ -216,11 +232,16 @@ def run_practice(
                   "adapter_mib": report.adapter_bytes / 2**20,
                   "merged_mib": report.merged_bytes / 2**20},
         "scores": score_table(before, after),
+        "export": {"type": export_type, "mib": round(exported.bytes / 2**20, 1),
+                   "max_abs_diff": exported.check.max_abs_diff,
+                   "agreement": exported.check.agreement,
+                   "question": question, "answer": gguf_answer},
         "load_average": {"start": load_start, "end": load_average()},
         "cpu_count": os.cpu_count(),
         "written": {"output dir": str(out), "checkpoint": str(checkpoint),
                     "adapter": str(adapter), "merged": str(out / "merged"),
                     "loss curve": str(result.output_dir / LOSS_PLOT),
+                    "gguf": exported.out, "modelfile": str(exported.modelfile),
                     "transcript": str(out / "transcript.md"),
                     "summary": str(out / "summary.json")},
     }
@@ -228,6 +249,17 @@ def run_practice(
     atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"\n=== summary ===\n{format_summary(summary)}", flush=True)
     return summary
+
+
+def answer_from_file(path: Path, question: str, max_new_tokens: int) -> str:
+    """Greedy answer to `question` from a GGUF file (llama.cpp if installed, else transformers)."""
+    from tutor.chat import GenerationSettings
+    from tutor.chat_repl import open_session
+
+    session = open_session(str(path), settings=GenerationSettings(max_new_tokens=max_new_tokens))
+    answer = session.send(question)
+    print(f"[{path.name}] {question}\n    → {answer}", flush=True)
+    return answer
 
 
 def quick_demo(model: str = "smollm2-135m-instruct", bits: int | None = None) -> list[str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import time
@@ -262,6 +263,8 @@ def load(
         kwargs["device_map"] = device_map or ("cuda" if torch.cuda.is_available() else "cpu")
     elif device_map is not None:
         kwargs["device_map"] = device_map
+    if bits == 4 and not torch.cuda.is_available() and half_precision() is None:
+        _hint_gguf_once()
     if bits == 8:
         # bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16.
         warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
@@ -279,6 +282,25 @@ def load(
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+SLOW_NF4_HINT = (
+    "4-bit (NF4) on this CPU (no native bf16) dequantises every weight for every token in "
+    "bitsandbytes: slower than full precision (README: Export). For fast 4-bit chat: "
+    "tutor export MODEL model.gguf --type q4_0 && tutor chat model.gguf"
+)
+_hinted: list[bool] = []
+
+
+def _hint_gguf_once() -> None:
+    """Say once per process that NF4 is the slow path here and the GGUF path is the fast one.
+
+    Measured on an AVX2-only EPYC (bench/chat_speed.py): NF4 7.6-8.6 tok/s against fp32's
+    13-15.7. NF4 is still loaded as asked: it is the memory saving QLoRA training needs.
+    """
+    if not _hinted:
+        _hinted.append(True)
+        logging.getLogger("tutor.models").warning(SLOW_NF4_HINT)
 
 
 def footprint_bytes(model: PreTrainedModel) -> int:
