@@ -170,8 +170,12 @@ def _readline(inp: TextIO, out: TextIO) -> str:
 
 
 def run_chat(session: ChatSession, prompt: str | None, stream: bool, verbose: bool,
-             inp: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
-    """One-shot when `prompt` is given or stdin is piped; interactive otherwise."""
+             inp: TextIO | None = None, out: TextIO | None = None) -> int:
+    """One-shot when `prompt` is given or stdin is piped; interactive otherwise.
+
+    `inp`/`out` default to the streams current at the call (a default bound at import time
+    would keep writing to whatever sys.stdout was then, e.g. a closed capture)."""
+    inp, out = inp or sys.stdin, out or sys.stdout
     if prompt is None and not inp.isatty():
         prompt = inp.read().strip()
         if not prompt:

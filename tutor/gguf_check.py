@@ -118,10 +118,10 @@ def load_gguf(path: str | Path) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tutor.models import _no_progress_bars
+    from tutor.quiet import no_progress_bars
 
     tokenizer = gguf_tokenizer(path)
-    with _alone(Path(path)) as link, _no_progress_bars():
+    with _alone(Path(path)) as link, no_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(link.parent, gguf_file=link.name,
                                                      dtype=torch.float32)
     return model.eval(), tokenizer

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tutor.common import atomic_dir, atomic_write
+from tutor.common import CONFIG_FILE, atomic_dir, atomic_write
 
 RECIPE = "smollm2_135m_qlora_assistant"
 RESULT_FILE = "result.json"  # global_step, metrics and seconds of the cached training run
@@ -165,7 +165,7 @@ def scored(pico: Pico | None = None, echo=print) -> dict[str, dict[str, dict[str
     cached = pico.root / "scores.json"
     if cached.is_file():
         return json.loads(cached.read_text(encoding="utf-8"))
-    template = load_config(pico.run / "tutor_config.yaml").template
+    template = load_config(pico.run / CONFIG_FILE).template
     paths = [resolve_data_path(p) for p in SCORED]
     base, tokenizer = load(pico.base_model)
     before_file = pico.root.parent / (
