@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,6 +9,7 @@ from hypothesis import strategies as st
 
 from tutor.errors import TutorError
 from tutor.packing import IGNORE_INDEX, PackedDataset, collate, collator_for, pack, seq_lens
+from tutor.train_config import DATA_DIR
 
 _ = IGNORE_INDEX
 
@@ -384,15 +383,12 @@ def test_plot_packing_draws_each_sample_and_the_padding():
 
 # ---------------------------------------------------------------- the bundled model, real data
 
-DATA = Path(__file__).resolve().parent.parent / "data"
-
-
 def course_samples(tokenizer) -> list[dict[str, list[int]]]:
     """The assistant + geography QA datasets, encoded with the model's own template."""
     from tutor.data import encode, load_conversations
 
     convs = [m for f in ("assistant.jsonl", "geography_qa.jsonl")
-             for m in load_conversations(DATA / f)["messages"]]  # fmt: skip
+             for m in load_conversations(DATA_DIR / f)["messages"]]  # fmt: skip
     return [encode(m, tokenizer) for m in convs]
 
 
