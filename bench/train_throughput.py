@@ -1,46 +1,50 @@
 """Training throughput on CPU: tutor's default vs. TRL SFTTrainer vs. plain Trainer + peft.
 
-Same model (the bundled SmolLM2-135M-Instruct), same data (tutor/configs/data/assistant.jsonl), same
-LoRA config (r=8, alpha=16, dropout 0, all linear layers), same optimiser settings
-(AdamW, lr, constant schedule, seed), same number of optimizer steps and the same
-sequence budget per step (one 512-token row when packing, or as many padded samples as
-hold ~512 real tokens on average). Only what each framework decides differs:
+Same model (the bundled SmolLM2-135M-Instruct), same data, same LoRA config (r=8, alpha=16,
+dropout 0.05, all linear layers), same optimiser settings (AdamW, lr 2e-4, constant schedule,
+seed) and the same token budget per optimizer step (2,048: four 512-token rows when packing,
+or as many padded samples as hold ~2,048 real tokens on average). The data: 400 multi-turn
+conversations, each 1-4 conversations drawn (seeded) from the course's question-answer files
+(assistant.jsonl, geography_qa.jsonl, raw_qa.csv) and joined: 1-6 exchanges.
+Only what each framework decides differs:
 
   tutor            tutor.train defaults: native precision (bf16 autocast where the CPU has
                    bf16 instructions, else fp32), bfd packing with isolation,
                    no gradient checkpointing, logits only where labels are trained
+  trl_wrapped      TRL's best CPU settings (bf16 where native, else fp32; use_cpu; no gradient
+                   checkpointing; assistant-only loss via a ChatML template with
+                   {% generation %} markers, the same trained tokens as tutor) with
+                   packing_strategy="wrapped", [4, 512] rows
+  trl_grouped      the same settings with padding and train_sampling_strategy=
+                   "group_by_length" (TRL's other best: faster than wrapped on some CPUs)
   trl_defaults     SFTTrainer defaults (+ use_cpu=True, without which its bf16 default
                    crashes on CPU): gradient checkpointing on, padding, loss on all tokens
   trl_packing      the same with packing=True (TRL's bfd, padding-free rows)
-  trl_best         per DESIGN.md: bf16 (only where native: on an AVX2-only CPU bf16 is
-                   emulated and ~6x slower, so fp32), no gradient checkpointing, packing_strategy=
-                   "wrapped", and assistant-only loss via a ChatML template with
-                   {% generation %} markers (the same trained tokens as tutor)
   trainer_padding  transformers.Trainer + peft, tutor's labels, dynamic padding, native
-                   precision as for trl_best
+                   precision as for trl_wrapped
 
-Each configuration runs in its own subprocess (so peak RSS is its own), one after the
-other in ONE invocation; ratios are only meaningful within a run (CPUs differ, and a
-shared CPU adds noise). "trained tokens" are target tokens (label != -100 after the
-shift); TRL's defaults train on prompts too, so its trained = all tokens and its loss is
-over a different set of tokens: compare final losses only between runs whose "loss on"
-column matches.
+"vs TRL's best" divides by the faster of trl_wrapped and trl_grouped in the same run (the
+configs that train the same tokens as tutor). Each configuration runs in its own subprocess
+(so peak RSS is its own), one after the other in ONE invocation; ratios are only meaningful
+within a run (CPUs differ, and a shared CPU adds noise). "trained tokens" are target tokens
+(label != -100 after the shift); TRL's defaults train on prompts too, so its trained = all
+tokens and its loss is over a different set of tokens.
 
 The logged training loss is not comparable either: it is one step's batch, and a packed
 row without isolation (TRL's "wrapped" packing) lets every sample attend to the samples
-before it, which here are near-copies (the same identity answered many ways), so its loss
-falls by copying in context, not by learning. Every run therefore also saves its adapter,
-which one function evaluates the same way for all (fp32, each conversation alone, loss on
-the answers): "isolated train loss" over tutor/configs/data/assistant.jsonl and "held-out loss" over
+before it. Every run therefore also saves its adapter, which one function evaluates the same
+way for all (fp32, each conversation alone, loss on the answers): "isolated train loss" over
+the first 100 training conversations and "held-out loss" over
 tutor/configs/data/assistant_heldout.jsonl. These two columns are what "no worse loss" is judged by.
 
-    python bench/train_throughput.py [--steps 12] [--only tutor,trl_best]
+    python bench/train_throughput.py [--steps 10] [--only tutor,trl_wrapped,trl_grouped]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import resource
 import subprocess
 import sys
@@ -50,9 +54,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DATA = ROOT / "tutor" / "configs" / "data"  # what the shipped recipes train on
-CONFIGS = ["tutor", "trl_defaults", "trl_packing", "trl_best", "trainer_padding"]
-LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
-MAX_LENGTH, LR, SEED = 512, 2e-4, 42
+SOURCES = ("assistant.jsonl", "geography_qa.jsonl", "raw_qa.csv")  # single-turn QA files
+CONFIGS = ["tutor", "trl_wrapped", "trl_grouped", "trl_defaults", "trl_packing",
+           "trainer_padding"]
+TRL_BEST = ("trl_wrapped", "trl_grouped")  # same trained tokens as tutor; the faster one counts
+LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"}
+MAX_LENGTH, ROWS, LR, SEED = 512, 4, 2e-4, 42
+STEP_TOKENS = MAX_LENGTH * ROWS  # tokens per optimizer step, for every config
+CONVERSATIONS, ISOLATED = 400, 100  # training conversations; how many score the train loss
 # ChatML exactly as SmolLM2's own template renders it, with the assistant's content and
 # end-of-turn marked for TRL's assistant_only_loss (the tokens tutor.data trains).
 CHATML_GENERATION = (
@@ -64,6 +73,23 @@ CHATML_GENERATION = (
     "message['content'] + '<|im_end|>' + '\\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+
+def conversations(n: int = CONVERSATIONS, seed: int = SEED) -> list[list[dict]]:
+    """`n` multi-turn conversations, each 1-4 conversations of the QA files in SOURCES drawn
+    (seeded) and joined (their system messages dropped: the template adds one)."""
+    from tutor.data import load_conversations
+
+    pool = [[m for m in messages if m["role"] != "system"]
+                 for name in SOURCES for messages in load_conversations(DATA / name)["messages"]]
+    rng = random.Random(seed)
+    return [[m for ex in rng.sample(pool, rng.randint(1, 4)) for m in ex] for _ in range(n)]
+
+
+def write_jsonl(convs: list[list[dict]], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    return path
 
 
 class Counting:
@@ -88,9 +114,10 @@ class Counting:
         return batch
 
 
-def isolated_losses(adapter_dir: Path) -> tuple[float, float]:
+def isolated_losses(adapter_dir: Path, train_file: Path) -> tuple[float, float]:
     """(train, held-out) loss of base + adapter: each conversation alone, fp32, token-mean
-    cross-entropy over the answer tokens (labels != -100)."""
+    cross-entropy over the answer tokens (labels != -100); train = the first ISOLATED
+    training conversations."""
     import datasets
     import torch
     from peft import PeftModel
@@ -101,13 +128,13 @@ def isolated_losses(adapter_dir: Path) -> tuple[float, float]:
     base, tok = load()
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     heldout = [json.loads(line) for line in (DATA / "assistant_heldout.jsonl").open()]
-    sets = [load_conversations(DATA / "assistant.jsonl"),
+    sets = [load_conversations(train_file).select(range(ISOLATED)),
             datasets.Dataset.from_list(
                 [{"messages": [{"role": "user", "content": h["question"]},
                                {"role": "assistant", "content": h["answer"]}]} for h in heldout])]
     results = []
-    for conversations in sets:
-        encoded, _ = encode_dataset(conversations, tok, "auto", MAX_LENGTH)
+    for convs in sets:
+        encoded, _ = encode_dataset(convs, tok, "auto", MAX_LENGTH)
         total, count = 0.0, 0
         with torch.no_grad():
             for row in encoded:
@@ -127,19 +154,27 @@ def native_bf16() -> bool:
 
 
 def padded_batch_size(samples) -> int:
+    """Samples per padded batch that hold STEP_TOKENS real tokens on average."""
     mean = sum(len(s["input_ids"]) for s in samples) / len(samples)
-    return max(1, round(MAX_LENGTH / mean))
+    return max(1, round(STEP_TOKENS / mean))
 
 
-def run_tutor(steps: int, out: Path):
+def peft_lora():
+    from peft import LoraConfig
+
+    return LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                      target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
+
+
+def run_tutor(steps: int, out: Path, train_file: Path):
     from tutor.train import train
     from tutor.train_config import config_from_dict
 
     cfg = config_from_dict({
         "model": "smollm2-135m-instruct", "output_dir": str(out), "lora": LORA,
-        "data": {"datasets": [{"path": "data/assistant.jsonl"}], "max_length": MAX_LENGTH},
-        "train": {"max_steps": steps, "lr": LR, "scheduler": "constant", "warmup_ratio": 0.0,
-                  "seed": SEED, "progress_bar": False},
+        "data": {"datasets": [{"path": str(train_file)}], "max_length": MAX_LENGTH},
+        "train": {"max_steps": steps, "batch_size": ROWS, "lr": LR, "scheduler": "constant",
+                  "warmup_ratio": 0.0, "seed": SEED, "progress_bar": False},
         "save": {"steps": 0},
     })
     start = time.perf_counter()
@@ -149,16 +184,14 @@ def run_tutor(steps: int, out: Path):
     return wall, result.metrics["trained_tokens"], result.metrics["all_tokens"], loss, "answers"
 
 
-def run_trl(name: str, steps: int, out: Path):
-    import datasets
-    from peft import LoraConfig
+def run_trl(name: str, steps: int, out: Path, train_file: Path):
     from trl import SFTConfig, SFTTrainer
 
     from tutor.data import encode_dataset, load_conversations
     from tutor.models import load
 
     model, tok = load()
-    convs = load_conversations(DATA / "assistant.jsonl")
+    convs = load_conversations(train_file)
     encoded, _ = encode_dataset(convs, tok, "auto", MAX_LENGTH)
     kw = dict(output_dir=str(out), max_steps=steps, learning_rate=LR, lr_scheduler_type="constant",
               seed=SEED, use_cpu=True, report_to=[], logging_steps=1, save_strategy="no",
@@ -166,36 +199,36 @@ def run_trl(name: str, steps: int, out: Path):
     if name == "trl_defaults":
         kw.update(per_device_train_batch_size=padded_batch_size(encoded))
     elif name == "trl_packing":
-        kw.update(packing=True, per_device_train_batch_size=1)
-    else:  # trl_best
+        kw.update(packing=True, per_device_train_batch_size=ROWS)
+    else:  # trl_wrapped, trl_grouped: TRL's best CPU settings
         template = out / "chatml_generation.jinja"
         out.mkdir(parents=True, exist_ok=True)
         template.write_text(CHATML_GENERATION)
-        kw.update(packing=True, packing_strategy="wrapped", per_device_train_batch_size=1,
-                  bf16=native_bf16(), gradient_checkpointing=False, assistant_only_loss=True,
+        kw.update(bf16=native_bf16(), gradient_checkpointing=False, assistant_only_loss=True,
                   chat_template_path=str(template))
+        if name == "trl_wrapped":
+            kw.update(packing=True, packing_strategy="wrapped", per_device_train_batch_size=ROWS)
+        else:
+            kw.update(per_device_train_batch_size=padded_batch_size(encoded),
+                      train_sampling_strategy="group_by_length")
     trainer = SFTTrainer(
         model=model, args=SFTConfig(**kw), processing_class=tok,
-        train_dataset=datasets.Dataset.from_dict({"messages": convs["messages"]}),
-        peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
-                               target_modules=LORA["target_modules"], task_type="CAUSAL_LM"),
+        train_dataset=convs, peft_config=peft_lora(),
     )
-    return _run_trainer(trainer, "answers" if name == "trl_best" else "all tokens")
+    return _run_trainer(trainer, "all tokens" if name in ("trl_defaults", "trl_packing")
+                        else "answers")
 
 
-def run_padding(steps: int, out: Path):
-    from peft import LoraConfig, get_peft_model
+def run_padding(steps: int, out: Path, train_file: Path):
+    from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from tutor.data import encode_dataset, load_conversations
     from tutor.models import load
 
     model, tok = load()
-    encoded, _ = encode_dataset(load_conversations(DATA / "assistant.jsonl"), tok, "auto",
-                                MAX_LENGTH)
-    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"],
-                                             lora_dropout=0.0, task_type="CAUSAL_LM",
-                                             target_modules=LORA["target_modules"]))
+    encoded, _ = encode_dataset(load_conversations(train_file), tok, "auto", MAX_LENGTH)
+    model = get_peft_model(model, peft_lora())
     args = TrainingArguments(
         output_dir=str(out), max_steps=steps, learning_rate=LR, lr_scheduler_type="constant",
         seed=SEED, use_cpu=True, bf16=native_bf16(), report_to=[], logging_steps=1,
@@ -225,14 +258,14 @@ def one(name: str, steps: int) -> dict:
 
     logging.disable(logging.WARNING)
     out = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
-    if name == "tutor":
-        wall, trained, all_tokens, loss, loss_on = run_tutor(steps, out)
-    elif name == "trainer_padding":
-        wall, trained, all_tokens, loss, loss_on = run_padding(steps, out)
+    train_file = write_jsonl(conversations(), out / "train.jsonl")
+    run = {"tutor": run_tutor, "trainer_padding": run_padding}.get(name)
+    if run is None:
+        wall, trained, all_tokens, loss, loss_on = run_trl(name, steps, out, train_file)
     else:
-        wall, trained, all_tokens, loss, loss_on = run_trl(name, steps, out)
+        wall, trained, all_tokens, loss, loss_on = run(steps, out, train_file)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before evaluating
-    train_loss, heldout_loss = isolated_losses(out)
+    train_loss, heldout_loss = isolated_losses(out, train_file)
     return {
         "config": name, "steps": len(loss), "wall_s": round(wall, 1),
         "trained_tok_s": round(trained / wall, 1), "all_tok_s": round(all_tokens / wall, 1),
@@ -244,13 +277,13 @@ def one(name: str, steps: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    best_trl = max((r["trained_tok_s"] for r in rows if r["config"].startswith("trl")), default=0)
+    best = max((r["trained_tok_s"] for r in rows if r["config"] in TRL_BEST), default=0)
     lines = ["| config | steps | trained tok/s | all tok/s | wall s | peak RSS MiB "
              "| last-step loss | loss on | isolated train loss | held-out loss "
-             "| trained tok/s vs best TRL |",
+             "| trained tok/s vs TRL's best |",
              "|" + " --- |" * 11]
     for r in rows:
-        ratio = f"{r['trained_tok_s'] / best_trl:.2f}×" if best_trl else "n/a"
+        ratio = f"{r['trained_tok_s'] / best:.2f}×" if best else "n/a"
         lines.append(f"| {r['config']} | {r['steps']} | {r['trained_tok_s']} | {r['all_tok_s']} | "
                      f"{r['wall_s']} | {r['peak_rss_mib']} | {r['final_loss']} | {r['loss_on']} "
                      f"| {r['isolated_train_loss']} | {r['heldout_loss']} | {ratio} |")
@@ -259,7 +292,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--only", default=",".join(CONFIGS))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config, print JSON
     args = parser.parse_args()

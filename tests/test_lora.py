@@ -12,9 +12,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tutor.errors import TutorError
 from tutor.lora import (
+    LoRADropout,
     LoRALinear,
     copy_from_peft,
     inject_lora,
+    keep_mask,
     lora_param_count,
     low_rank_error,
     merge_and_unload,
@@ -22,6 +24,7 @@ from tutor.lora import (
     peft_config,
     target_shapes,
     trainable_parameters,
+    use_lora_dropout,
 )
 
 R, ALPHA = 8, 16
@@ -133,3 +136,61 @@ def test_low_rank_error_follows_eckart_young():
     best2 = U[:, :2] @ torch.diag(S[:2]) @ Vh[:2]
     assert low_rank_error(full, [2])[0] == pytest.approx(
         float(torch.linalg.norm(full - best2) / torch.linalg.norm(full)), rel=1e-5)
+
+
+# ------------------------------------------------------------- LoRADropout: a cheaper CPU mask
+
+def test_keep_mask_has_the_keep_rate_of_its_p():
+    torch.manual_seed(0)
+    n = 2**22
+    for p in (0.05, 0.1, 0.5):
+        rate = keep_mask((n,), p).float().mean().item()
+        assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5, (p, rate)  # 5 sigma
+    assert keep_mask((3, 5), 0.0).all()  # odd sizes: one int64 draw covers two elements
+    mask = keep_mask((7, 3), 0.3)
+    assert mask.dtype == torch.bool and mask.shape == (7, 3)
+
+
+def test_keep_mask_is_seeded_by_torch_and_independent_per_call():
+    torch.manual_seed(3)
+    a, b = keep_mask((4096,), 0.5), keep_mask((4096,), 0.5)
+    torch.manual_seed(3)
+    assert torch.equal(keep_mask((4096,), 0.5), a)  # set_seed reproduces a run
+    assert not torch.equal(a, b)  # each call draws a new mask
+
+
+def test_lora_dropout_scales_kept_values_and_masks_the_gradient_alike():
+    torch.manual_seed(0)
+    x = torch.randn(64, 48).add_(3.0).requires_grad_()  # no exact zeros in x
+    drop = LoRADropout(0.2).train()
+    y = drop(x)
+    kept = y != 0
+    assert 0 < kept.sum() < x.numel()
+    torch.testing.assert_close(y[kept], x[kept] / 0.8, rtol=1e-6, atol=0)
+    g = torch.randn_like(x)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, torch.where(kept, g / 0.8, 0.0), rtol=1e-6, atol=0)
+    assert torch.equal(drop.eval()(x), x)  # eval: identity
+    with pytest.raises(TutorError, match="lora.dropout"):
+        LoRADropout(1.0)
+
+
+def test_use_lora_dropout_replaces_every_peft_dropout_and_keeps_eval_outputs():
+    base = tiny_llama()
+    model = get_peft_model(base, peft_config(r=R, alpha=ALPHA, dropout=0.1))
+    ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
+    model.eval()
+    before = model(input_ids=ids).logits
+    assert use_lora_dropout(model) == 2 * 7  # 7 adapted linears in each of 2 blocks
+    assert not any(isinstance(m, nn.Dropout) for m in model.modules())
+    assert {m.p for m in model.modules() if isinstance(m, LoRADropout)} == {0.1}
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
+    model.train()  # in training the LoRA inputs are now dropped by LoRADropout
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "lora_B") and "default" in m.lora_B:
+                m.lora_B["default"].weight.normal_()  # B = 0 would hide any dropout
+    torch.manual_seed(0)
+    a = model(input_ids=ids).logits
+    torch.manual_seed(1)
+    assert not torch.equal(model(input_ids=ids).logits, a)

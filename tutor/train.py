@@ -121,6 +121,10 @@ def build_model(cfg: TrainConfig, precision: str | None = None) -> tuple[Any, An
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
+    if cfg.lora.dropout > 0 and model.device.type == "cpu":
+        from tutor.lora import use_lora_dropout
+
+        use_lora_dropout(model)  # same keep rate and scaling, a cheaper mask on CPU
     model.train()
     return model, tokenizer
 
