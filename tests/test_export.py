@@ -283,40 +283,68 @@ def bundled_ggufs(tmp_path_factory):
     return model, tok, paths
 
 
+def _answer_ids(generated, stops: set[int], n: int) -> list[int]:
+    """The first `n` ids of `generated`, ending at (and including) the first stop id."""
+    out = []
+    for t in generated:
+        out.append(int(t))
+        if t in stops or len(out) == n:
+            break
+    return out
+
+
 @pytest.mark.slow
 @LLAMACPP
 def test_llamacpp_answers_the_demo_questions_as_transformers(bundled_ggufs):
+    """Greedy answers from the f16 file in llama.cpp equal transformers' greedy answers from
+    the source model, token for token, up to the end of the answer or N_TOKENS: llama.cpp
+    reads the tensors, rotary order, tokenizer and end-of-turn id as meant."""
+    import torch
+
+    from tutor.chat import stop_token_ids
     from tutor.chat_llamacpp import LlamaCppTokenizer, open_llama
-    from tutor.gguf_check import greedy_ids
 
     model, tok, paths = bundled_ggufs
     llm = open_llama(paths["f16"], n_ctx=512)
     template = get_template("auto", tokenizer=tok)
+    stops = set(stop_token_ids(tok, template.stop_words))
     for text in probe_prompts(template)[:-1]:  # the demo's questions, chat-formatted
         ids = tok.encode(text, add_special_tokens=False)
         assert LlamaCppTokenizer(llm).encode(text) == ids  # same tokenizer in the file
-        ours = []
-        for t in llm.generate(ids, reset=True, temp=0.0, top_k=1):
-            ours.append(t)
-            if len(ours) == N_TOKENS:
-                break
-        assert ours == greedy_ids(model, ids, N_TOKENS), text
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
+                                 max_new_tokens=N_TOKENS, do_sample=False,
+                                 eos_token_id=sorted(stops), pad_token_id=0)
+        theirs = out[0, len(ids):].tolist()
+        ours = _answer_ids(llm.generate(ids, reset=True, temp=0.0, top_k=1), stops, N_TOKENS)
+        assert ours == theirs, text
 
 
 @pytest.mark.slow
 @LLAMACPP
-@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
-def test_identity_and_facts_survive_quantisation(bundled_ggufs, kind):
-    """No trained Pico adapter exists in the tests, so the identity checked is the bundled
-    model's own (SmolLM, from its default system prompt) plus a fact, through llama.cpp."""
-    from tutor.chat import GenerationSettings
-    from tutor.chat_llamacpp import open_session
+@pytest.mark.parametrize("kind, bound", [("q8_0", 0.85), ("q4_0", 0.7)])
+def test_llamacpp_follows_the_source_on_quantised_files(bundled_ggufs, kind, bound):
+    """Teacher-forced next-token agreement of llama.cpp on the q8_0/q4_0 file with the
+    source model over the probe prompts. llama.cpp also rounds the activations to 8 bits
+    in these matmuls, so on this 135M model it agrees less than transformers' reading of
+    the same file (measured on the AVX2 EPYC: q8_0 0.89-0.92 against 0.95, llama.cpp's own
+    Q8_0 quantizer alike; q4_0 0.76 for both): the bounds sit below those figures."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
 
-    _, _, paths = bundled_ggufs
-    session = open_session(paths[kind], settings=GenerationSettings(max_new_tokens=32))
-    assert "SmolLM" in session.send("Who are you?")
-    session.reset()
-    assert "Paris" in session.send("What is the capital of France?")
+    model, tok, paths = bundled_ggufs
+    llm = Llama(model_path=str(paths[kind]), n_ctx=512, logits_all=True, verbose=False)
+    same = total = 0
+    for text in probe_prompts(get_template("auto", tokenizer=tok)):
+        ids = tok.encode(text, add_special_tokens=False)
+        with torch.inference_mode():
+            theirs = model(torch.tensor([ids])).logits[0].argmax(-1).numpy()  # (T,)
+        llm.reset()
+        llm.eval(ids)
+        ours = np.asarray(llm.scores[:len(ids)]).argmax(-1)  # (T,)
+        same, total = same + int((ours == theirs).sum()), total + len(ids)
+    assert same / total >= bound, (kind, same / total)
 
 
 @pytest.mark.slow
@@ -326,7 +354,7 @@ def test_llamacpp_session_streams_stops_and_resets(bundled_ggufs):
     from tutor.chat_repl import command, open_session
 
     _, _, paths = bundled_ggufs
-    session = open_session(paths["q8_0"], settings=GenerationSettings(max_new_tokens=48))
+    session = open_session(paths["f16"], settings=GenerationSettings(max_new_tokens=48))
     pieces: list[str] = []
     answer = session.send("What is the capital of France?", on_text=pieces.append)
     assert "".join(pieces) == answer and len(pieces) > 1

@@ -21,9 +21,10 @@ which is the reference; ``expected`` may ride along on any record::
     scores[0].to_json()   # {"hits": 14, "total": 16, "answer_loss": 1.93}
 
 Not handled: sampling (answers are greedy so runs compare), judging meaning (a keyword
-is a substring, so "Paris" also hits "not Paris"), answers to records without
+is a substring, so "Paris" also hits "not Paris"), and answers to records without
 ``expected`` keywords (they are scored by loss only: generating them costs time and
-counts nothing), and batching (one question at a time, as in a chat).
+counts nothing). Questions are answered in batches (`tutor.chat.reply_batch`): the same
+greedy answers as one at a time, up to float rounding.
 """
 
 from __future__ import annotations
@@ -158,21 +159,23 @@ def answer_loss(model: PreTrainedModel, sample: Mapping[str, list[int]]) -> tupl
 def score_items(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                 template: ChatTemplate, items: Sequence[Item], max_new_tokens: int = 48,
                 echo: bool = False) -> list[ItemScore]:
-    """Greedy answers to items with keywords, answer loss for items with a reference."""
-    from tutor.chat import reply
+    """Greedy answers to items with keywords (batched: `tutor.chat.reply_batch`), answer
+    loss for items with a reference."""
+    from tutor.chat import reply_batch
     from tutor.data import encode
 
-    scores = []
-    for item in items:
-        s = ItemScore(item)
-        if item.expected and item.prompt:
-            s.answer = reply(model, tokenizer, item.prompt, max_new_tokens, template)
-            if echo:
-                mark = "✓" if s.hit else "✗"
-                print(f"{mark} {item.prompt[-1]['content']}\n    → {s.answer}", flush=True)
-        if item.reference is not None:
-            s.loss, s.tokens = answer_loss(model, encode(item.reference, tokenizer, template))
-        scores.append(s)
+    scores = [ItemScore(item) for item in items]
+    asked = [s for s in scores if s.item.expected and s.item.prompt]
+    answers = reply_batch(model, tokenizer, [s.item.prompt for s in asked], max_new_tokens,
+                          template)
+    for s, answer in zip(asked, answers, strict=True):
+        s.answer = answer
+        if echo:
+            mark = "✓" if s.hit else "✗"
+            print(f"{mark} {s.item.prompt[-1]['content']}\n    → {s.answer}", flush=True)
+    for s in scores:
+        if s.item.reference is not None:
+            s.loss, s.tokens = answer_loss(model, encode(s.item.reference, tokenizer, template))
     return scores
 
 
