@@ -107,12 +107,20 @@ def build_model(cfg: TrainConfig, precision: str | None = None) -> tuple[Any, An
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.bits is not None:
-        # Norms/embeddings to fp32 and input grads on; checkpointing only if asked.
+        # Norms to fp32 (embeddings and lm_head back to 16 bits below), input grads on,
+        # checkpointing only if asked.
+        t = cfg.train
         with warnings.catch_warnings():  # peft calls a renamed transformers property
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
             model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=cfg.train.gradient_checkpointing
-            )
+                model, use_gradient_checkpointing=t.gradient_checkpointing
+                and not t.offload_activations)
+        if t.gradient_checkpointing and t.offload_activations:  # peft cannot pass `offload`
+            model.activation_checkpointing_enable(offload=True)
+        if half:  # frozen vocab-sized matrices back to 16 bits: 2 B/param less (1.4 GiB on 7B)
+            import torch
+
+            _embeddings_to(model, getattr(torch, dtype))
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
@@ -123,6 +131,19 @@ def build_model(cfg: TrainConfig, precision: str | None = None) -> tuple[Any, An
     model = get_peft_model(model, lora)
     model.train()
     return model, tokenizer
+
+
+def _embeddings_to(model: Any, dtype: torch.dtype) -> None:
+    """Input embeddings and lm_head (frozen in QLoRA) to `dtype`, after peft upcast them.
+
+    peft's prepare_model_for_kbit_training casts every 16-bit parameter to fp32; for the
+    norms that is cheap, for the two vocab-sized matrices it costs 2 bytes per parameter
+    (InternLM2-7B: +1.4 GiB) and, under autocast, a 16-bit copy of lm_head every step. The
+    QLoRA paper's recipe and its peers (XTuner, torchtune) keep them in 16 bits.
+    """
+    for module in {model.get_input_embeddings(), model.get_output_embeddings()}:
+        if module is not None:
+            module.to(dtype)
 
 
 def held_out(n: int, fraction: float, seed: str) -> list[int]:
@@ -227,6 +248,37 @@ def build_dataset(cfg: TrainConfig, tokenizer: Any, attn_implementation: str = "
     return dataset, collator, reports
 
 
+def check_device_options(cfg: TrainConfig) -> None:
+    """Refuse, in one line, the options that need a CUDA GPU when there is none (before the
+    model loads): activation offload and bitsandbytes' 8-bit / paged optimizers."""
+    t, cuda = cfg.train, _has_cuda()
+    if t.offload_activations and not t.gradient_checkpointing:
+        raise TutorError("train.offload_activations: offloads what gradient checkpointing "
+                         "keeps; set train.gradient_checkpointing=true too")
+    if t.offload_activations and not cuda:
+        raise TutorError("train.offload_activations: moves checkpointed activations off a CUDA "
+                         "GPU; without one they already live in CPU memory (set it to false)")
+    if t.optim is not None:
+        from transformers.training_args import OptimizerNames
+
+        known = [o.value for o in OptimizerNames]
+        if t.optim not in known:
+            raise TutorError(f"train.optim: unknown optimizer '{t.optim}' (e.g. adamw_torch, "
+                             "adamw_8bit, paged_adamw_8bit; transformers' OptimizerNames)")
+        if ("8bit" in t.optim or "paged" in t.optim) and not cuda:
+            raise TutorError(f"train.optim: {t.optim} (bitsandbytes) needs a CUDA GPU; on CPU "
+                             "use adamw_torch or leave train.optim unset")
+
+
+def resolve_chunked_loss(cfg: TrainConfig) -> int | None:
+    """Rows per chunk of `tutor.chunked_loss`, or None for the model's own loss.
+
+    "auto" = on: AUTO_CHUNKED_NOTE.
+    """
+    choice = cfg.train.chunked_loss
+    return cfg.train.loss_chunk_size if choice in (True, "auto") else None
+
+
 def training_arguments(cfg: TrainConfig, precision: str, deepspeed: str | None = None,
                        validate: bool = False):
     """Map the recipe onto `transformers.TrainingArguments` (the one place that does).
@@ -253,6 +305,9 @@ def training_arguments(cfg: TrainConfig, precision: str, deepspeed: str | None =
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         activation_checkpointing=t.gradient_checkpointing and cfg.bits is None,
+        activation_checkpointing_kwargs=({"offload": True} if t.offload_activations
+                                         and cfg.bits is None else None),
+        **({"optim": t.optim} if t.optim else {}),  # else Trainer's default
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
@@ -335,6 +390,7 @@ def train(
     from tutor.models import load_tokenizer
 
     check_max_length(cfg, load_tokenizer(cfg.model))  # before the model loads and logs
+    check_device_options(cfg)
     resume_from, start_step = resume_point(cfg.output_dir) if resume else (None, 0)
     precision = resolve_precision(cfg.train.precision)
     model, tokenizer = build_model(cfg, precision)
@@ -358,6 +414,7 @@ def train(
         eval_dataset=validation,
         data_collator=collator,
         eval_collator=eval_collator,
+        loss_chunk=resolve_chunked_loss(cfg),
         callbacks=[chat, throughput, MetricsCallback(cfg),
                    *([EvaluateAtEnd()] if validation is not None else []), *callbacks],
     )
