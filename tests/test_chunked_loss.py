@@ -283,3 +283,23 @@ def test_trainer_steps_with_packing_equal_the_unchunked_run(tmp_path, monkeypatc
     assert chunked[1] == pytest.approx(plain[1], rel=1e-5)
     for name, weight in chunked[2].items():
         torch.testing.assert_close(weight, plain[2][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_auto_uses_the_chunked_loss_wherever_the_head_allows_it():
+    from tutor.errors import TutorError
+    from tutor.train import resolve_chunked_loss
+    from tutor.train_config import config_from_dict
+
+    def cfg(choice):
+        return config_from_dict({"model": "m", "output_dir": "o",
+                                 "train": {"chunked_loss": choice, "loss_chunk_size": 96}})
+
+    plain, biased = _tiny_llama(tie=False), _tiny_llama(tie=False)
+    biased.lm_head = torch.nn.Linear(32, 512, bias=True)
+    assert cfg("auto").train.chunked_loss == "auto"  # the default
+    assert config_from_dict({"model": "m", "output_dir": "o"}).train.chunked_loss == "auto"
+    assert resolve_chunked_loss(cfg("auto"), _lora(plain)) == 96
+    assert resolve_chunked_loss(cfg("auto"), biased) is None  # the model's own loss
+    assert resolve_chunked_loss(cfg(False), plain) is None
+    with pytest.raises(TutorError, match="not a bias-free nn.Linear"):
+        resolve_chunked_loss(cfg(True), biased)

@@ -3,10 +3,10 @@
 The estimate is arithmetic on a Hugging Face config (a local directory, the bundled model, or a
 built-in table of real configs so it works offline), for the path tutor.train takes::
 
-    weights      every parameter in `dtype`; QLoRA: block linears in NF4 (tutor.quant),
-                 embeddings and lm_head in `dtype`, RMSNorm weights and biases in fp32 (peft's
-                 prepare_model_for_kbit_training upcasts every 16-bit tensor; tutor.train puts
-                 the two vocab-sized ones back in `dtype`); + the rotary buffers
+    weights      every parameter in `dtype`; QLoRA: block linears in NF4 (tutor.quant), the rest
+                 (embeddings, lm_head, norms, biases) in `dtype` (peft's
+                 prepare_model_for_kbit_training upcasts them to fp32; tutor.train casts them
+                 back, as nothing of the base trains); + the rotary buffers
     LoRA         r * (in + out) per adapted linear, fp32 (peft upcasts adapters to fp32)
     gradients    one per trainable number, in its dtype
     optimizer    AdamW: exp_avg + exp_avg_sq in fp32 (+ an fp32 master copy of 16-bit weights
@@ -90,16 +90,10 @@ class Arch:
 
     def other_params(self) -> int:
         """Embeddings, lm_head (unless tied), RMSNorm weights and biases: kept in 16/32 bits."""
-        return self.embedding_params() + self.small_params()
-
-    def embedding_params(self) -> int:
-        """Input embeddings + lm_head (once when tied): the vocab-sized matrices."""
-        return (1 if self.tie_embeddings else 2) * self.vocab_size * self.hidden_size
-
-    def small_params(self) -> int:
-        """RMSNorm weights and biases."""
+        heads = 1 if self.tie_embeddings else 2
         biases = self.num_layers * sum(o for _, o, b in self.block_linears() if b)
-        return biases + (2 * self.num_layers + 1) * self.hidden_size
+        norms = (2 * self.num_layers + 1) * self.hidden_size
+        return heads * self.vocab_size * self.hidden_size + biases + norms
 
     def num_params(self) -> int:
         return self.linear_weights() + self.other_params()
@@ -192,7 +186,7 @@ def weight_bytes(arch: Arch, setup: Setup) -> int:
     if setup.method != "qlora":
         return arch.num_params() * dt + rope
     nf4 = arch.num_layers * sum(nf4_storage_bytes(i * o) for i, o, _ in arch.block_linears())
-    return nf4 + arch.embedding_params() * dt + arch.small_params() * 4 + rope
+    return nf4 + arch.other_params() * dt + rope
 
 
 def trainable(arch: Arch, setup: Setup) -> list[int]:
