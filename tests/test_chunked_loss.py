@@ -303,3 +303,18 @@ def test_auto_uses_the_chunked_loss_wherever_the_head_allows_it():
     assert resolve_chunked_loss(cfg(False), plain) is None
     with pytest.raises(TutorError, match="not a bias-free nn.Linear"):
         resolve_chunked_loss(cfg(True), biased)
+    assert resolve_chunked_loss(cfg("auto"), plain, zero3=True) is None  # lm_head partitioned
+    with pytest.raises(TutorError, match="ZeRO-3 partitions lm_head"):
+        resolve_chunked_loss(cfg(True), plain, zero3=True)
+
+
+def test_zero_stage_is_read_from_the_deepspeed_config():
+    from types import SimpleNamespace
+
+    from tutor.train import _zero_stage
+    from tutor.train_config import deepspeed_json
+
+    assert _zero_stage(SimpleNamespace(deepspeed=None)) == 0
+    assert _zero_stage(SimpleNamespace(deepspeed=deepspeed_json("zero2"))) == 2
+    assert _zero_stage(SimpleNamespace(deepspeed=deepspeed_json("zero3_offload"))) == 3
+    assert _zero_stage(SimpleNamespace(deepspeed={"zero_optimization": {"stage": 3}})) == 3

@@ -39,8 +39,9 @@ gradient of the logits in fp32, the gradient cast back to the compute dtype befo
 matmuls (as autograd does behind ``logits.float()``). dW is accumulated in fp32.
 
 Not handled: a bias on the output projection, logit soft-capping or scaling (Gemma 2,
-Cohere), label smoothing, z-loss, and tensor-parallel vocabularies. `tutor.validation`
-refuses models whose head is not a bias-free ``nn.Linear``.
+Cohere), label smoothing, z-loss, and tensor-parallel vocabularies. `output_head` refuses
+models whose head is not a bias-free ``nn.Linear`` or that scale their logits
+(``train.chunked_loss: auto`` then falls back to the model's own loss).
 """
 
 from __future__ import annotations
@@ -48,10 +49,11 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from tutor.common import IGNORE_INDEX as IGNORE
+
 if TYPE_CHECKING:
     import torch
 
-IGNORE = -100  # tutor.common.IGNORE_INDEX; repeated so this module imports nothing of tutor
 DEFAULT_CHUNK = 1024  # rows per chunk (see train_config: measured on the bundled model)
 
 

@@ -272,31 +272,38 @@ def check_device_options(cfg: TrainConfig) -> None:
                              "use adamw_torch or leave train.optim unset")
 
 
-def resolve_chunked_loss(cfg: TrainConfig, model: Any = None) -> int | None:
+def resolve_chunked_loss(cfg: TrainConfig, model: Any = None, zero3: bool = False,
+                         ) -> int | None:
     """Rows per chunk of `tutor.chunked_loss`, or None for the model's own loss.
 
     true: chunked (a model whose head it cannot handle is a TutorError, before training).
-    "auto": chunked whenever `model`'s head allows it (a bias-free Linear, no soft-capping),
-    else the model's own loss. Why on by default: the loss is the same (tests/test_chunked_loss.py)
-    and it never costs memory or time. Measured with bench/chunked_loss.py (bundled 135M, LoRA
-    r=8, 4 packs of 512 tokens per step, fp32, 2-core AVX2 AMD EPYC shared with other jobs, so
-    the speeds are noisy): peak live tensors of a step 3,482 MiB unchunked vs 3,140 MiB in
-    chunks of 1,024 rows; peak RSS 6,223 vs 5,756 MiB; 5.4 vs 7.6 trained tok/s; the same loss
-    (3.9244 after 6 steps). The matmuls are the same three (two in LoRA: lm_head is frozen)
-    either way; on 7B-class vocabularies the logits are the largest activation (tutor.memory).
+    "auto": chunked whenever `model`'s head allows it (a bias-free Linear, no soft-capping)
+    and DeepSpeed ZeRO-3 (`zero3`) does not partition it, else the model's own loss.
+
+    Why on by default: the loss is the same (tests/test_chunked_loss.py), the matmuls are the
+    same (two in LoRA, lm_head being frozen; three in full fine-tuning), and it measured lower
+    in memory and no slower. bench/chunked_loss.py (bundled 135M, LoRA r=8, 4 packs of 512
+    tokens per step, fp32, 2-core AVX2 AMD EPYC shared with other jobs, so speeds are noisy):
+    peak live tensors of a step 3,482 MiB unchunked vs 3,140 MiB in chunks of 1,024 rows; peak
+    RSS 6,223 vs 5,756 MiB; 5.4 vs 7.6 trained tok/s; the same loss (3.9244 after 6 steps).
+    On 7B-class vocabularies the logits are the largest activation (tutor.memory).
     """
     from tutor.chunked_loss import output_head
 
     choice = cfg.train.chunked_loss
     if choice is False:
         return None
-    if model is not None:
-        try:
+    try:
+        if zero3:
+            raise TutorError("chunked loss: DeepSpeed ZeRO-3 partitions lm_head's weight, "
+                             "which the chunked loss reads directly; set "
+                             "train.chunked_loss=false")
+        if model is not None:
             output_head(model)
-        except TutorError:
-            if choice == "auto":
-                return None
-            raise
+    except TutorError:
+        if choice == "auto":
+            return None
+        raise
     return cfg.train.loss_chunk_size
 
 
@@ -435,7 +442,7 @@ def train(
         eval_dataset=validation,
         data_collator=collator,
         eval_collator=eval_collator,
-        loss_chunk=resolve_chunked_loss(cfg, model),
+        loss_chunk=resolve_chunked_loss(cfg, model, _zero_stage(args) == 3),
         callbacks=[chat, throughput, MetricsCallback(cfg),
                    *([EvaluateAtEnd()] if validation is not None else []), *callbacks],
     )
@@ -451,6 +458,17 @@ def train(
         {**output.metrics, **throughput.summary(), **held}, trainer.state.log_history,
         chat.answers, reports, start_step, scores=chat.scores,
     )
+
+
+def _zero_stage(args: Any) -> int:
+    """DeepSpeed ZeRO stage of the TrainingArguments (0 without DeepSpeed)."""
+    import json
+
+    ds = args.deepspeed
+    if not ds:
+        return 0
+    config = ds if isinstance(ds, dict) else json.loads(Path(ds).read_text())
+    return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
 def _has_cuda() -> bool:

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import yaml
 
+from tutor.chunked_loss import DEFAULT_CHUNK
 from tutor.common import atomic_write
 from tutor.errors import TutorError
 
@@ -85,7 +86,7 @@ class OptimSection:
     # loss over the vocabulary in chunks of rows (tutor.chunked_loss): no [tokens, vocab]
     # logits; "auto" = on where it helps (tutor.train.resolve_chunked_loss)
     chunked_loss: bool | Literal["auto"] = "auto"
-    loss_chunk_size: int = 1024  # rows per chunk
+    loss_chunk_size: int = DEFAULT_CHUNK  # rows per chunk
     # a transformers optimizer name (adamw_torch, paged_adamw_8bit, adamw_8bit, ...);
     # null = Trainer's default. 8-bit and paged ones need a CUDA GPU (bitsandbytes).
     optim: str | None = None
