@@ -54,7 +54,7 @@ from tutor.common import IGNORE_INDEX as IGNORE
 if TYPE_CHECKING:
     import torch
 
-DEFAULT_CHUNK = 1024  # rows per chunk (see train_config: measured on the bundled model)
+DEFAULT_CHUNK = 256  # rows per chunk: bench/results/chunked_loss.md (lowest peak, not slower)
 
 
 def _chunk_step(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, need_grad: bool,

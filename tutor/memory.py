@@ -51,6 +51,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from tutor.chunked_loss import DEFAULT_CHUNK
 from tutor.errors import TutorError
 from tutor.quant import nf4_storage_bytes
 
@@ -155,7 +156,7 @@ class Setup:
     lora_dropout: float = 0.0
     dtype: str = "bfloat16"
     chunked_loss: bool = False  # tutor.chunked_loss, `loss_chunk` rows at a time
-    loss_chunk: int = 1024
+    loss_chunk: int = DEFAULT_CHUNK
     offload: bool = False  # checkpointed block inputs in CPU memory (needs grad_checkpointing)
 
     def __post_init__(self) -> None:

@@ -284,8 +284,9 @@ def resolve_chunked_loss(cfg: TrainConfig, model: Any = None, zero3: bool = Fals
     same (two in LoRA, lm_head being frozen; three in full fine-tuning), and it measured lower
     in memory and no slower. bench/chunked_loss.py (bundled 135M, LoRA r=8, 4 packs of 512
     tokens per step, fp32, 2-core AVX2 AMD EPYC shared with other jobs, so speeds are noisy):
-    peak live tensors of a step 3,482 MiB unchunked vs 3,140 MiB in chunks of 1,024 rows; peak
-    RSS 6,223 vs 5,756 MiB; 5.4 vs 7.6 trained tok/s; the same loss (3.9244 after 6 steps).
+    peak live tensors of a step 3,482 MiB unchunked vs 3,140 / 3,060 MiB in chunks of 1,024 /
+    256 rows; peak RSS 6,223 vs 5,756 / 5,678 MiB; 5.4 vs 7.6 / 8.4 trained tok/s; the same
+    loss (3.9244 after 6 steps). Hence chunks of 256 rows by default.
     On 7B-class vocabularies the logits are the largest activation (tutor.memory).
     """
     from tutor.chunked_loss import output_head
