@@ -168,9 +168,10 @@ def test_lora_fp32_estimate_equals_measured_bytes_and_peak(bundled):
 
 
 @pytest.mark.slow
-def test_qlora_estimate_equals_measured_bytes_and_peak(tmp_path):
-    """tutor's QLoRA model (tutor.train.build_model: NF4 blocks, 16-bit embeddings, fp32
-    norms, checkpointing), one step under bf16 autocast as Trainer runs it."""
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_qlora_estimate_equals_measured_bytes_and_peak(tmp_path, chunk):
+    """tutor's QLoRA model (tutor.train.build_model: NF4 blocks, 16-bit rest, checkpointing,
+    dropout), one step under bf16 autocast as Trainer runs it: peak within 10 %."""
     from tutor.train import build_model
     from tutor.train_config import config_from_dict
 
@@ -179,13 +180,14 @@ def test_qlora_estimate_equals_measured_bytes_and_peak(tmp_path):
                             "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
                             "train": {"gradient_checkpointing": True}})
     model, _ = build_model(cfg, "bf16")
-    setup = Setup(method="qlora", seq_len=32, lora_r=8, lora_dropout=0.1, dtype="bfloat16")
+    setup = Setup(method="qlora", seq_len=64, lora_r=8, lora_dropout=0.1, dtype="bfloat16",
+                  chunked_loss=chunk is not None, loss_chunk=chunk or 256)
     est = estimate(get_arch(BUNDLED), setup)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        measured = _train_once(model, _batch(setup.seq_len))
+        measured = _measured(model, _batch(setup.seq_len), chunk)
     for key in ("weights", "LoRA adapters", "gradients", "optimizer state"):
         assert measured.persistent[key] == est.rows[key], key
-    assert abs(est.total / measured.peak - 1) <= 0.25, (est.total, measured.peak)
+    assert abs(est.total / measured.peak - 1) <= 0.10, (est.total, measured.peak)
 
 
 def _cli(*args):
@@ -298,7 +300,8 @@ def test_offload_moves_exactly_the_checkpointed_block_inputs(monkeypatch):
     assert sum(packed) == on.rows["activations"] - off.rows["activations"] == 3 * 16 * 64 * 4
 
 
-def _measured_peak(model, batch, chunk):
+def _measured(model, batch, chunk):
+    """measure_step after a first step, with the chunked loss when `chunk` is set."""
     from tutor.chunked_loss import causal_lm_loss
     from tutor.measure import measure_step
 
@@ -307,7 +310,7 @@ def _measured_peak(model, batch, chunk):
     model.train()
     (loss_fn(model, batch) if loss_fn else model(**batch).loss).backward()
     opt.step()
-    return measure_step(model, opt, batch, loss_fn).peak
+    return measure_step(model, opt, batch, loss_fn)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -331,7 +334,7 @@ def test_wide_vocabulary_peak_within_10_percent(method, checkpointing, chunk):
     setup = Setup(method=method, seq_len=512, grad_checkpointing=checkpointing, lora_r=8,
                   dtype="float32", chunked_loss=chunk is not None, loss_chunk=chunk or 1024)
     est = estimate(arch_from_config(cfg.to_dict(), "wide"), setup)
-    measured = _measured_peak(model, _batch(512), chunk)  # token ids < 49,152 < 64,000
+    measured = _measured(model, _batch(512), chunk).peak  # token ids < 49,152 < 64,000
     assert abs(est.total / measured - 1) <= 0.10, (est.total, measured)
     if chunk:
         assert est.rows["logits"] * 3 < estimate(est.arch, Setup(**{
@@ -352,5 +355,5 @@ def test_bundled_lora_peak_within_10_percent(bundled, checkpointing, chunk):
     setup = Setup(method="lora", seq_len=256, grad_checkpointing=checkpointing, lora_r=8,
                   dtype="float32", chunked_loss=chunk is not None, loss_chunk=chunk or 1024)
     est = estimate(get_arch(BUNDLED), setup)
-    measured = _measured_peak(model, _batch(setup.seq_len), chunk)
+    measured = _measured(model, _batch(setup.seq_len), chunk).peak
     assert abs(est.total / measured - 1) <= 0.10, (est.total, measured)
