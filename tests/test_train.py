@@ -8,6 +8,7 @@ checkpoints, DeepSpeed), not what a 135M model learns (notebook 06 shows that).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -290,3 +291,89 @@ def test_qlora_gradients_unchanged_by_the_evaluation_chat(tmp_path):
     after = grads()
     for name, g in before.items():
         torch.testing.assert_close(after[name], g, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- memory options (issue 19)
+
+
+def test_gpu_only_options_are_refused_on_cpu_in_one_line():
+    import torch
+
+    from tutor.train import check_device_options, resolve_chunked_loss, training_arguments
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+
+    def cfg(**train):
+        return config_from_dict({**MINIMAL, "train": train})
+
+    with pytest.raises(TutorError, match=r"^train\.offload_activations: offloads what gradient "
+                       r"checkpointing keeps; set train\.gradient_checkpointing=true too$"):
+        check_device_options(cfg(offload_activations=True))
+    with pytest.raises(TutorError, match=r"^train\.offload_activations: moves checkpointed "
+                       r"activations off a CUDA GPU; .*\(set it to false\)$"):
+        check_device_options(cfg(offload_activations=True, gradient_checkpointing=True))
+    for name in ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"):
+        with pytest.raises(TutorError, match=rf"^train\.optim: {name} \(bitsandbytes\) needs a "
+                           r"CUDA GPU; on CPU use adamw_torch or leave train\.optim unset$"):
+            check_device_options(cfg(optim=name))
+    with pytest.raises(TutorError, match=r"^train\.optim: unknown optimizer 'adamw9'"):
+        check_device_options(cfg(optim="adamw9"))
+    ok = cfg(optim="adamw_torch", chunked_loss=True, loss_chunk_size=64)
+    check_device_options(ok)
+    assert training_arguments(ok, "fp32").optim == "adamw_torch"
+    assert resolve_chunked_loss(ok) == 64
+    assert resolve_chunked_loss(cfg(chunked_loss=False)) is None
+    with pytest.raises(TutorError, match=r"train\.loss_chunk_size: must be >= 1"):
+        cfg(loss_chunk_size=0)
+    with pytest.raises(TutorError, match=r"train\.chunked_loss: expected bool \| 'auto'"):
+        cfg(chunked_loss="yes")
+
+
+def test_cli_refuses_a_paged_optimizer_on_cpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    out = subprocess.run([sys.executable, "-m", "tutor", "train", "smollm2_135m_qlora_assistant",
+                          "--set", "train.optim=paged_adamw_8bit", "--set",
+                          f"output_dir={tmp_path / 'run'}"],
+                         capture_output=True, text=True, env=ENV)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        "tutor: error: train.optim: paged_adamw_8bit (bitsandbytes) needs a CUDA GPU; on CPU "
+        "use adamw_torch or leave train.optim unset")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_qlora_keeps_the_frozen_base_in_16_bits(tmp_path):
+    """peft's prepare_model_for_kbit_training upcasts it to fp32; build_model undoes that."""
+    import torch
+
+    from tutor.train import build_model
+
+    cfg = config_from_dict({**tiny_recipe(tmp_path), "bits": 4})
+    model, _ = build_model(cfg, "bf16")
+    base = model.get_base_model()
+    assert base.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert base.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert base.model.norm.weight.dtype == torch.bfloat16
+    dtypes = {p.dtype for n, p in model.named_parameters() if not p.requires_grad}
+    assert dtypes == {torch.bfloat16, torch.uint8}  # 16-bit + NF4 codes
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_paged_8bit_optimizer_and_offload_train_on_a_gpu(tmp_path):
+    """On CUDA: QLoRA with paged 8-bit AdamW, offloaded checkpointing and the chunked loss."""
+    from tutor.train import train
+
+    cfg = config_from_dict({**tiny_recipe(tmp_path, optim="paged_adamw_8bit",
+                                          gradient_checkpointing=True, offload_activations=True,
+                                          chunked_loss=True, loss_chunk_size=32, max_steps=3,
+                                          precision="auto"), "bits": 4})
+    result = train(cfg)
+    assert result.global_step == 3 and result.metrics["optimizer_bytes"] > 0
+    curve = losses(result.output_dir)
+    assert len(curve) == 3 and all(math.isfinite(x) for x in curve)

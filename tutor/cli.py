@@ -138,7 +138,9 @@ def _cmd_memory(args: argparse.Namespace) -> int:
 
     setup = Setup(method=args.method, seq_len=args.seq_len, batch=args.batch,
                   grad_checkpointing=args.grad_checkpointing, optimizer=args.optimizer,
-                  lora_r=args.lora_r, lora_dropout=args.lora_dropout, dtype=args.dtype)
+                  lora_r=args.lora_r, lora_dropout=args.lora_dropout, dtype=args.dtype,
+                  chunked_loss=args.chunked_loss, loss_chunk=args.loss_chunk,
+                  offload=args.offload)
     print(format_table(estimate(get_arch(args.model), setup), budget_gib=args.budget))
     return 0
 
@@ -330,20 +332,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_demo)
 
     _add_data_parser(sub)
-    from tutor.memory import DTYPE_BYTES, METHODS, OPTIMIZERS
+    from tutor.memory import DTYPE_BYTES, GPU_RECIPE, METHODS, OPTIMIZERS
 
-    p = sub.add_parser("memory", help="estimate training memory for full / LoRA / QLoRA")
+    g = GPU_RECIPE  # the defaults: the shipped 7B/8B QLoRA recipes' training settings
+    p = sub.add_parser("memory", help="estimate training memory for full / LoRA / QLoRA",
+                       description="Defaults = the shipped GPU QLoRA recipes "
+                       "(internlm2_chat_7b_qlora_oasst1, llama3_8b_instruct_qlora): "
+                       f"LoRA r={g.lora_r} dropout {g.lora_dropout}, gradient checkpointing, "
+                       f"chunked loss ({g.loss_chunk} rows), {g.optimizer}, no offload.")
     p.add_argument("model", help="built-in config name (e.g. internlm2-chat-7b), bundled name "
                    "or a directory with config.json")
-    p.add_argument("--method", choices=METHODS, default="qlora")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="recompute activations in backward (default: on, as XTuner does)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
-    p.add_argument("--lora-r", type=int, default=64)
-    p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bfloat16",
+    p.add_argument("--method", choices=METHODS, default=g.method)
+    p.add_argument("--seq-len", type=int, default=g.seq_len)
+    p.add_argument("--batch", type=int, default=g.batch)
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
+                   default=g.grad_checkpointing, help="recompute activations in backward")
+    p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=g.offload,
+                   help="checkpointed block inputs in CPU memory (train.offload_activations)")
+    p.add_argument("--chunked-loss", action=argparse.BooleanOptionalAction,
+                   default=g.chunked_loss, help="loss in chunks of rows (train.chunked_loss)")
+    p.add_argument("--loss-chunk", type=int, default=g.loss_chunk,
+                   help="rows per chunk (train.loss_chunk_size)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=g.optimizer)
+    p.add_argument("--lora-r", type=int, default=g.lora_r)
+    p.add_argument("--lora-dropout", type=float, default=g.lora_dropout)
+    p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default=g.dtype,
                    help="dtype of unquantised weights and activations")
     p.add_argument("--budget", type=float, default=8.0, help="GPU memory to compare with, GiB")
     p.set_defaults(handler=_cmd_memory)

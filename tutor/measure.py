@@ -143,20 +143,21 @@ class Measurement:
 
 
 def measure_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 batch: dict[str, torch.Tensor]) -> Measurement:
+                 batch: dict[str, torch.Tensor], loss_fn: Any = None) -> Measurement:
     """Run one training step (forward, backward, optimizer step) and measure its memory.
 
     Call it after a first step, so the optimizer state already exists, as in steady training.
     Peak = bytes of tensors alive before the step + the most bytes of tensors created during
     it and alive at the same moment, counted per storage as the ops create and free them.
     This sees every tensor torch allocates (tracemalloc does not) and nothing else: not the
-    allocator's caching or fragmentation, not Python objects.
+    allocator's caching or fragmentation, not Python objects. `loss_fn(model, batch)` replaces
+    ``model(**batch).loss`` (e.g. `tutor.chunked_loss.causal_lm_loss`).
     """
     optimizer.zero_grad(set_to_none=True)
     persistent = tensor_bytes(model, optimizer)
     tracker = peak_tracker()
     with tracker:
-        model(**batch).loss.backward()
+        (loss_fn(model, batch) if loss_fn else model(**batch).loss).backward()
         persistent["gradients"] = tensor_bytes(model)["gradients"]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

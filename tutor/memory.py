@@ -1,35 +1,48 @@
 """How much memory does fine-tuning need? An estimator for full / LoRA / QLoRA training.
 
 The estimate is arithmetic on a Hugging Face config (a local directory, the bundled model, or a
-built-in table of real configs so it works offline)::
+built-in table of real configs so it works offline), for the path tutor.train takes::
 
     weights      every parameter in `dtype`; QLoRA: block linears in NF4 (tutor.quant), the rest
-                 (embeddings, lm_head, norms, biases) in `dtype`; + the rotary buffers
+                 (embeddings, lm_head, norms, biases) in `dtype` (peft's
+                 prepare_model_for_kbit_training upcasts them to fp32; tutor.train casts them
+                 back, as nothing of the base trains); + the rotary buffers
     LoRA         r * (in + out) per adapted linear, fp32 (peft upcasts adapters to fp32)
     gradients    one per trainable number, in its dtype
     optimizer    AdamW: exp_avg + exp_avg_sq in fp32 (+ an fp32 master copy of 16-bit weights
                  in full fine-tuning); paged_adamw_8bit: 1 byte each + fp32 absmax per 256
     activations  what autograd keeps per token and block (see `layer_activation_bytes`) for
-                 every block; with gradient checkpointing only each block's input
-    recompute    gradient checkpointing: the one block whose activations are rebuilt in backward
-    logits       tokens * vocab * 12 bytes: the fp32 log-softmax kept for backward and the two
-                 fp32 gradients alive while backward crosses it (the logits themselves and
-                 their fp32 copy are freed by then, and are smaller)
+                 every block; with gradient checkpointing only each block's input; with
+                 checkpointing + offload not even that (it waits in CPU memory, not counted)
+                 + the final norm's fp32 input and lm_head's input
+    recompute    gradient checkpointing: the one block whose activations are rebuilt in
+                 backward (+ its input, copied back from the CPU, when offloaded)
+    logits       unchunked: tokens * vocab * 12 bytes: the fp32 log-softmax kept for backward
+                 and the two fp32 gradients alive while backward crosses it (the logits
+                 themselves and their fp32 copy are freed by then, and are smaller).
+                 Chunked (tutor.chunked_loss): one chunk's rows * vocab * 8 (its fp32 logits
+                 and logsumexp's fp32 temporary; later the logits, softmax'ed in place, and
+                 their 16-bit gradient, which is no more) + the
+                 gradient of the hidden states, tokens * hidden * dtype, computed in forward;
+                 full fine-tuning adds the fp32 gradient of lm_head (vocab * hidden * 4).
 
     peak = weights + LoRA + optimizer + activations + max(logits, recompute + gradients)
 
-The logits peak comes at the very start of backward, before any gradient exists (trainers
-free gradients after each step); later, gradients grow while blocks are recomputed and freed.
-Without checkpointing we count all activations in both phases: an upper bound.
+The logits peak comes at the end of forward / the very start of backward, before any gradient
+exists (trainers free gradients after each step); later, gradients grow while blocks are
+recomputed and freed. Without checkpointing we count all activations in both phases: an upper
+bound. Tokens are all `seq_len * batch` positions: with tutor's collator only positions with a
+trained next token reach the loss, so the logits row is an upper bound too.
 
 `tutor.measure.measure_step` checks the arithmetic on a real model: exact tensor bytes for
 the persistent parts, and the peak of live tensor bytes over one training step
-(tests/test_memory.py).
+(tests/test_memory.py). Offload cannot be measured on a CPU (the activations stay in the same
+memory); its row is the bytes transformers' offload moves (tests count them on CPU).
 
 Not handled: eager attention (its (heads, L, L) scores; we assume SDPA / flash attention, which
 keep none), mixture-of-experts, vision towers, KV caches, ZeRO sharding (tutor.course.zero), the
-CUDA context (~0.3-0.5 GiB) and allocator fragmentation. Only Llama-style blocks (q/k/v/o +
-gated MLP): Llama, Mistral, Qwen2, InternLM2, SmolLM2.
+CUDA context (~0.3-0.5 GiB), pinned host memory, and allocator fragmentation. Only Llama-style
+blocks (q/k/v/o + gated MLP): Llama, Mistral, Qwen2, InternLM2, SmolLM2.
 """
 
 from __future__ import annotations
@@ -38,6 +51,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from tutor.chunked_loss import DEFAULT_CHUNK
 from tutor.errors import TutorError
 from tutor.quant import nf4_storage_bytes
 
@@ -141,6 +155,9 @@ class Setup:
     lora_r: int = 64
     lora_dropout: float = 0.0
     dtype: str = "bfloat16"
+    chunked_loss: bool = False  # tutor.chunked_loss, `loss_chunk` rows at a time
+    loss_chunk: int = DEFAULT_CHUNK
+    offload: bool = False  # checkpointed block inputs in CPU memory (needs grad_checkpointing)
 
     def __post_init__(self) -> None:
         for key, value, allowed in [("method", self.method, METHODS),
@@ -148,8 +165,19 @@ class Setup:
                                     ("dtype", self.dtype, tuple(DTYPE_BYTES))]:
             if value not in allowed:
                 raise TutorError(f"{key} must be one of {', '.join(allowed)}, not '{value}'")
-        if min(self.seq_len, self.batch, self.lora_r) < 1:
-            raise TutorError("seq_len, batch and lora_r must be positive")
+        if min(self.seq_len, self.batch, self.lora_r, self.loss_chunk) < 1:
+            raise TutorError("seq_len, batch, lora_r and loss_chunk must be positive")
+        if self.offload and not self.grad_checkpointing:
+            raise TutorError("offload needs gradient checkpointing (it offloads what "
+                             "checkpointing keeps)")
+
+
+# The training settings of the shipped GPU QLoRA recipes (tutor/configs/*7b*qlora*.yaml,
+# llama3_8b_instruct_qlora.yaml; tests/test_memory.py checks they agree): `tutor memory`'s
+# defaults.
+GPU_RECIPE = Setup(method="qlora", seq_len=2048, batch=1, grad_checkpointing=True,
+                   optimizer="paged_adamw_8bit", lora_r=64, lora_dropout=0.1, dtype="bfloat16",
+                   chunked_loss=True, loss_chunk=256, offload=False)
 
 
 def weight_bytes(arch: Arch, setup: Setup) -> int:
@@ -241,7 +269,9 @@ def estimate(arch: Arch, setup: Setup) -> Estimate:
     if setup.method == "full" and dt != 4:
         opt += numel * 4  # mixed precision keeps an fp32 master copy of every weight
     per_layer = layer_activation_bytes(arch, setup)
-    if setup.grad_checkpointing:  # each block keeps only its input; one is rebuilt at a time
+    if setup.offload:  # block inputs wait in CPU memory; one comes back to be rebuilt
+        kept, recompute = 0, per_layer + arch.hidden_size * dt
+    elif setup.grad_checkpointing:  # each block keeps only its input; one is rebuilt at a time
         kept, recompute = arch.num_layers * arch.hidden_size * dt, per_layer
     else:
         kept, recompute = arch.num_layers * per_layer, 0
@@ -253,9 +283,20 @@ def estimate(arch: Arch, setup: Setup) -> Estimate:
         "optimizer state": opt,
         "activations": tokens * (kept + head),
         "recompute": tokens * recompute,
-        "logits": tokens * arch.vocab_size * 12,
+        "logits": loss_bytes(arch, setup),
     }
     return Estimate(arch, setup, rows)
+
+
+def loss_bytes(arch: Arch, setup: Setup) -> int:
+    """Peak bytes of the loss over the vocabulary (the "logits" row; see the module doc)."""
+    tokens = setup.seq_len * setup.batch
+    if not setup.chunked_loss:
+        return tokens * arch.vocab_size * 12
+    dt = DTYPE_BYTES[setup.dtype]
+    chunk = min(setup.loss_chunk, tokens) * arch.vocab_size * 8
+    d_head = arch.vocab_size * arch.hidden_size * 4 if setup.method == "full" else 0
+    return chunk + tokens * arch.hidden_size * dt + d_head
 
 
 def format_table(est: Estimate, budget_gib: float = 8.0) -> str:
@@ -268,6 +309,8 @@ def format_table(est: Estimate, budget_gib: float = 8.0) -> str:
                if s.method != "full" else "")
             + f") · seq {s.seq_len} x batch {s.batch} · "
             + ("gradient checkpointing" if s.grad_checkpointing else "no checkpointing")
+            + (" + offload" if s.offload else "")
+            + (f" · chunked loss ({s.loss_chunk} rows)" if s.chunked_loss else "")
             + f" · {s.optimizer}")
     notes = {
         "weights": (f"{a.linear_weights() / 1e9:.2f} B in NF4, {a.other_params() / 1e9:.2f} B "
@@ -277,9 +320,12 @@ def format_table(est: Estimate, budget_gib: float = 8.0) -> str:
         "gradients": f"{numel / 1e6:,.1f} M trainable",
         "optimizer state": s.optimizer + (" + fp32 master" if s.method == "full" and s.dtype
                                           != "float32" else ""),
-        "activations": "each block's input" if s.grad_checkpointing else "all blocks",
+        "activations": ("offloaded to CPU memory" if s.offload else "each block's input"
+                        if s.grad_checkpointing else "all blocks"),
         "recompute": "one block, rebuilt in backward" if s.grad_checkpointing else "-",
-        "logits": f"{s.seq_len * s.batch} tokens x {a.vocab_size} vocab",
+        "logits": (f"chunks of {min(s.loss_chunk, s.seq_len * s.batch)} of "
+                   f"{s.seq_len * s.batch} tokens x {a.vocab_size} vocab" if s.chunked_loss
+                   else f"{s.seq_len * s.batch} tokens x {a.vocab_size} vocab"),
     }
     lines = [head, f"{'component':<17}{'GiB':>8}  made of"]
     lines += [f"{k:<17}{v / GIB:>8.2f}  {notes[k]}" for k, v in est.rows.items()]

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import yaml
 
+from tutor.chunked_loss import DEFAULT_CHUNK
 from tutor.common import atomic_write
 from tutor.errors import TutorError
 
@@ -80,6 +81,15 @@ class OptimSection:
     max_grad_norm: float = 1.0
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     gradient_checkpointing: bool = False  # trades ~30 % speed for activation memory
+    # with checkpointing: each block's saved input in pinned CPU memory (GPU only)
+    offload_activations: bool = False
+    # loss over the vocabulary in chunks of rows (tutor.chunked_loss): no [tokens, vocab]
+    # logits; "auto" = on where it helps (tutor.train.resolve_chunked_loss)
+    chunked_loss: bool | Literal["auto"] = "auto"
+    loss_chunk_size: int = DEFAULT_CHUNK  # rows per chunk
+    # a transformers optimizer name (adamw_torch, paged_adamw_8bit, adamw_8bit, ...);
+    # null = Trainer's default. 8-bit and paged ones need a CUDA GPU (bitsandbytes).
+    optim: str | None = None
     seed: int = 42
     logging_steps: int = 1
     eval_steps: int = 0  # validation loss every N optimizer steps (0 = before and after only)
@@ -136,7 +146,7 @@ RANGES: dict[type, dict[str, Range]] = {
                    "lr": POSITIVE, "max_steps": (lambda v: v == -1 or v >= 1, "-1 or >= 1"),
                    "warmup_ratio": (lambda v: 0 <= v < 1, ">= 0 and < 1"),
                    "weight_decay": NON_NEGATIVE, "max_grad_norm": NON_NEGATIVE,
-                   "logging_steps": AT_LEAST_1},
+                   "logging_steps": AT_LEAST_1, "loss_chunk_size": AT_LEAST_1},
     SaveSection: {"steps": NON_NEGATIVE, "total_limit": AT_LEAST_1},
     EvaluationSection: {"every_n_steps": NON_NEGATIVE, "max_new_tokens": AT_LEAST_1},
     TrainConfig: {"bits": (lambda v: v in (4, 8), "4, 8 or null")},

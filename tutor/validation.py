@@ -40,11 +40,35 @@ def keep_4bit_trainable(model: Any, training: bool = True) -> None:
 
 
 class ValidationTrainer(Trainer):
-    """`Trainer` whose evaluation batches use `eval_collator` and keep 4-bit layers trainable."""
+    """`Trainer` whose evaluation batches use `eval_collator` and keep 4-bit layers trainable.
 
-    def __init__(self, *args: Any, eval_collator: Any = None, **kwargs: Any) -> None:
+    `loss_chunk`: rows per chunk of `tutor.chunked_loss` (the loss over trained positions
+    without [tokens, vocab] logits), for training and evaluation alike; None = the model's
+    own loss.
+    """
+
+    def __init__(self, *args: Any, eval_collator: Any = None, loss_chunk: int | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.eval_collator = eval_collator
+        self.loss_chunk = loss_chunk
+
+    def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        if self.loss_chunk is None or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        from tutor.chunked_loss import causal_lm_loss
+
+        # Trainer's own rules, as for a model that takes num_items_in_batch: the loss is
+        # sum / num_items_in_batch (then already scaled for gradient accumulation), and
+        # multiplied back by the processes when tokens are averaged across devices.
+        items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        loss = causal_lm_loss(model, inputs, items, self.loss_chunk)
+        if self.args.average_tokens_across_devices and items is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return (loss, CausalLMOutputWithPast(loss=loss)) if return_outputs else loss
 
     def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
         if self.eval_collator is None:
