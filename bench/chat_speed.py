@@ -28,12 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from tutor.measure import peak_rss_bytes
 
 PRECISIONS = {"fp32": {}, "bf16": {"dtype": "bfloat16"}, "8-bit": {"bits": 8},
               "4-bit": {"bits": 4}}
@@ -101,8 +102,8 @@ def one_precision(name: str, max_new_tokens: int, repeats: int, threads: int | N
     rows = [{"precision": name, "prompt": label,
              **measure(model, tok, template, messages, max_new_tokens, repeats)}
             for label, messages in PROMPTS.items()]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"rows": rows, "peak_rss_bytes": peak, "footprint_bytes": footprint_bytes(model),
+    return {"rows": rows, "peak_rss_bytes": peak_rss_bytes(),
+            "footprint_bytes": footprint_bytes(model),
             "threads": torch.get_num_threads()}
 
 
@@ -173,8 +174,7 @@ def one_engine(name: str, max_new_tokens: int, threads: int | None) -> dict:
             new = out[0, len(ids):].tolist()
             rows.append({"prompt": label, "ids": new,
                          "tok_s": len(new) / (time.perf_counter() - start)})
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"rows": rows, "peak_rss_bytes": peak}
+    return {"rows": rows, "peak_rss_bytes": peak_rss_bytes()}
 
 
 def gguf_table(results: dict) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,7 @@ def recipe(out: str, mode: str, steps: int, packs: int) -> dict:
 def child(mode: str, steps: int, packs: int) -> dict:
     import torch
 
-    from tutor.measure import measure_step
+    from tutor.measure import measure_step, peak_rss_bytes
     from tutor.train import build_dataset, build_model, train
     from tutor.train_config import config_from_dict
 
@@ -51,7 +50,7 @@ def child(mode: str, steps: int, packs: int) -> dict:
         start = time.perf_counter()
         result = train(cfg)
         seconds = time.perf_counter() - start
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rss = peak_rss_bytes() / 2**20  # MiB
         # one more step on the first batch, measured op by op (slow: not timed)
         model, tok = build_model(cfg)
         data, collator, _ = build_dataset(cfg, tok, model.config._attn_implementation,

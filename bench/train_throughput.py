@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -264,7 +263,9 @@ def one(name: str, steps: int) -> dict:
         wall, trained, all_tokens, loss, loss_on = run_trl(name, steps, out, train_file)
     else:
         wall, trained, all_tokens, loss, loss_on = run(steps, out, train_file)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before evaluating
+    from tutor.measure import peak_rss_bytes
+
+    peak_rss = peak_rss_bytes() / 2**20  # MiB, before evaluating
     train_loss, heldout_loss = isolated_losses(out, train_file)
     return {
         "config": name, "steps": len(loss), "wall_s": round(wall, 1),

@@ -357,3 +357,20 @@ def test_bundled_lora_peak_within_10_percent(bundled, checkpointing, chunk):
     est = estimate(get_arch(BUNDLED), setup)
     measured = _measured(model, _batch(setup.seq_len), chunk).peak
     assert abs(est.total / measured - 1) <= 0.10, (est.total, measured)
+
+
+def test_peak_rss_of_a_child_is_its_own():
+    """Benchmarks run each configuration in a child process: its peak must not inherit the
+    parent's (ru_maxrss does across fork + exec on Linux)."""
+    import subprocess
+    import sys
+
+    from tutor.measure import peak_rss_bytes
+
+    ballast = bytearray(400 * 2**20)  # the parent now peaks above 400 MiB
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page so it is resident
+    child = subprocess.run(
+        [sys.executable, "-c", "from tutor.measure import peak_rss_bytes; print(peak_rss_bytes())"],
+        capture_output=True, text=True, check=True)
+    assert peak_rss_bytes() > 400 * 2**20
+    assert int(child.stdout) < 200 * 2**20, int(child.stdout) / 2**20

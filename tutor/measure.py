@@ -8,7 +8,9 @@ Numbers counted on torch's own tensors (per distinct storage):
   followed op by op with a dispatch mode (`peak_tracker`) that sees every tensor torch
   creates and frees;
 - `optimizer_held_bytes`: what an optimizer holds on this process, incl. DeepSpeed ZeRO's
-  fp32 master partition (checks tutor.course.zero's per-rank shard).
+  fp32 master partition (checks tutor.course.zero's per-rank shard);
+- `peak_rss_bytes`: the process's peak resident memory, for benchmarks that compare whole
+  processes.
 
 Why not tracemalloc or RSS: tracemalloc does not see torch's allocations at all, and RSS adds
 the allocator's caches, the Python heap and shared libraries, and keeps the high-water mark of
@@ -163,3 +165,23 @@ def measure_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         optimizer.zero_grad(set_to_none=True)
     static = sum(v for k, v in persistent.items() if k != "gradients")
     return Measurement(persistent, static + tracker.peak)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started (Linux: VmHWM).
+
+    Not `ru_maxrss`: a child started by fork + exec inherits its parent's ru_maxrss, so a
+    benchmark that loads a model and then runs each configuration in a child would report
+    at least the parent's peak for every child. Elsewhere falls back to ru_maxrss.
+    """
+    import resource
+    import sys
+    from pathlib import Path
+
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
