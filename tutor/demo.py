@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -56,12 +55,12 @@ GGUF_NAME = "pico.gguf"
 
 def peak_rss_mib() -> float | None:
     """This process's peak resident memory so far (a high-water mark), MiB; None on Windows."""
+    from tutor.measure import peak_rss_bytes
+
     try:
-        import resource
-    except ImportError:
+        return round(peak_rss_bytes() / 2**20, 1)
+    except ImportError:  # no /proc and no `resource` module
         return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return round(peak / 2**20 if sys.platform == "darwin" else peak / 2**10, 1)
 
 
 def load_average() -> float | None:
