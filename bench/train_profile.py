@@ -56,10 +56,13 @@ def build(train_file: Path, tutor_dropout: bool):
 
 
 def step(model, optimizer, batch, precision: str) -> None:
+    """One optimizer step with the loss tutor trains with (chunked over trained positions)."""
     import torch
 
+    from tutor.chunked_loss import causal_lm_loss
+
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        loss = model(**batch).loss
+        loss = causal_lm_loss(model, batch)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
