@@ -32,7 +32,7 @@ def test_pack_bfd_and_greedy_exact():
     assert [p["indices"] for p in pack(samples, 8, strategy="greedy")] == [[0], [1, 2], [3]]
     assert bfd.stats() == {
         "strategy": "bfd", "max_length": 8, "packs": 2, "min_packs": 2, "samples": 4, "tokens": 15,
-        "utilisation": 15 / 16, "truncated": 0, "dropped": 0,
+        "utilisation": 15 / 16, "truncated": 0, "dropped": 0, "saved": 0,
     }  # fmt: skip
 
 
@@ -405,3 +405,147 @@ def test_bundled_model_packed_equals_unpacked_on_course_data(bundled):
     ]
     assert all(len(p["indices"]) >= 2 for p in chosen)  # isolation matters in each
     check_packed_equals_unpacked(model, samples, chosen, collator_for(model), 1e-4, 1e-3)
+
+
+# ---------------------------------------------------------------- shared prefix
+
+PREFIX = [5, 6, 7, 8]  # e.g. a template's default system turn: untrained, in most samples
+
+
+def prefixed(rest: list[int], prompt: int = 1) -> dict[str, list[int]]:
+    """PREFIX + rest; the prefix and the first `prompt` tokens of `rest` are not trained."""
+    ids = PREFIX + rest
+    n = len(PREFIX) + prompt
+    return {"input_ids": ids, "labels": [_] * n + ids[n:]}
+
+
+def test_shared_prefix_is_found_only_where_it_may_be_shared():
+    from tutor.packing import shared_prefix
+
+    assert shared_prefix([prefixed([40, 41]), prefixed([50, 51, 52]), sample(3)]) == PREFIX
+    # the token after the prefix trained in one of two: that one cannot share, so neither
+    trained_next = prefixed([60, 61], prompt=0)
+    assert shared_prefix([prefixed([40, 41]), trained_next]) == PREFIX[:3]
+    assert shared_prefix([prefixed([40, 41]), sample(5)]) == []  # fewer than two share it
+    assert shared_prefix([sample(3), sample(3)]) == []  # the first tokens are trained
+
+
+def test_pack_shares_the_prefix_once_per_pack():
+    samples = [prefixed([40, 41, 42]), prefixed([50, 51]), sample(3, 90), prefixed([60])]
+    packs = pack(samples, 9, share_prefix=True)
+    assert packs.lengths == [3, 9, 5]  # alone; bfd on the rests (3, 2 | 1) in 9 - 4 slots
+    alone, shared = packs[0], packs[1]
+    assert alone["indices"] == [2] and shared["indices"] == [0, 1] and packs[2]["indices"] == [3]
+    assert shared["input_ids"] == [5, 6, 7, 8, 40, 41, 42, 50, 51]  # prefix once: 9, not 13
+    assert shared["position_ids"] == [0, 1, 2, 3, 4, 5, 6, 4, 5]
+    assert shared["labels"] == [_] * 5 + [41, 42, _, 51]
+    assert seq_lens(shared) == [7, 2]  # one span per sample
+    assert sum(packs.lengths) == sum(len(s["input_ids"]) for s in samples) - len(PREFIX)
+    assert packs.saved == len(PREFIX) and pack(samples, 9).saved == 0
+    unshared = pack(samples, 9)
+    assert all(p["position_ids"][k] in (0, p["position_ids"][k - 1] + 1)
+               for p in unshared for k in range(1, len(p["position_ids"])))
+
+
+def test_collate_mask_lets_the_rest_see_the_prefix_and_itself():
+    row = pack([prefixed([40, 41]), prefixed([50, 51])], 16, share_prefix=True)[0]
+    assert row["position_ids"] == [0, 1, 2, 3, 4, 5, 4, 5]
+    mask = collate([row])["attention_mask"][0, 0]
+    assert draw(mask) == "\n" + "\n".join(" ".join(row) for row in [
+        "1.......", "11......", "111.....", "1111....", "11111...", "111111..",
+        "1111..1.",  # the second sample: the prefix (4 keys), not the first sample's rest
+        "1111..11"]) + "\n"
+    assert collate([row])["labels"][0].tolist() == [_] * 5 + [41, _, 51]
+
+
+def shared_samples(n: int, seed: int) -> list[dict[str, list[int]]]:
+    """Random samples, three in four beginning with PREFIX (some sharing it, some not)."""
+    out = random_samples(n, seed)
+    return [prefixed(s["input_ids"], 1 + k % 3) if k % 4 else s for k, s in enumerate(out)]
+
+
+def check_shared_equals_alone(model, samples, packs, loss_tol, logit_tol, grad_tol=None):
+    """Assert a batch of (shared-prefix) packs gives the token-weighted loss of its samples
+    run alone, each sample's logits (a later sample's without its prefix) and, with
+    `grad_tol`, every weight's gradient."""
+    used = [i for p in packs for i in p["indices"]]
+    trained = {i: sum(t != _ for t in samples[i]["labels"][1:]) for i in used}
+    total = sum(trained.values())
+    model.zero_grad()
+    alone = {}
+    with torch.set_grad_enabled(grad_tol is not None):
+        for i in used:
+            out = model(input_ids=torch.tensor([samples[i]["input_ids"]]),
+                        labels=torch.tensor([samples[i]["labels"]]))
+            alone[i] = out.logits[0].detach()
+            if grad_tol is not None and trained[i]:
+                (out.loss * trained[i] / total).backward()
+        want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        batch = collator_for(model)(packs)
+        out = model(**batch)
+        if grad_tol is not None:
+            out.loss.backward()
+    weighted = sum(torch.nn.functional.cross_entropy(alone[i][:-1], torch.tensor(
+        samples[i]["labels"][1:]), reduction="sum") for i in used) / total
+    assert abs(out.loss.item() - weighted.item()) < loss_tol
+    for name, p in model.named_parameters() if grad_tol is not None else ():
+        assert (p.grad - want[name]).abs().max() < grad_tol, name
+    flat, off = batch["input_ids"].shape[0] == 1, 0
+    for r, pk in enumerate(packs):
+        row, off = (0, off) if flat else (r, 0)
+        for k, (i, n) in enumerate(zip(pk["indices"], seq_lens(pk), strict=True)):
+            cut = len(samples[i]["input_ids"]) - n  # the prefix a later sample left out
+            assert cut == 0 or k > 0
+            diff = (out.logits[row, off:off + n] - alone[i][cut:]).abs().max().item()
+            assert diff < logit_tol, f"sample {i} in pack {r}: logits differ by {diff}"
+            off += n
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "sdpa_varlen"])
+def test_tiny_llama_shared_prefix_equals_samples_alone(impl):
+    """Loss, logits of every token and the gradient of every weight equal what each
+    sample computes alone: sharing only saves the prefix's repeated FLOPs."""
+    model = tiny_llama(impl)
+    samples = shared_samples(12, seed=4)
+    packs = pack(samples, 64, seed=0, share_prefix=True)[:3]
+    assert sum(p["position_ids"].count(0) < len(p["indices"]) for p in packs) >= 2  # shared
+    check_shared_equals_alone(model, samples, packs, 1e-5, 1e-4, grad_tol=1e-5)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_bundled_model_shared_prefix_equals_samples_alone_on_course_data(bundled):
+    """The real template's default system turn (24 tokens with the user header) shared in
+    packs of course conversations; sdpa_varlen, as `tutor train` runs on a CPU."""
+    from tutor.attention import register
+    from tutor.packing import shared_prefix
+
+    model, tokenizer = bundled
+    samples = course_samples(tokenizer)
+    assert len(shared_prefix(samples)) == 24
+    packs = pack(samples, 256, seed=0, share_prefix=True)
+    shared = [p for p in packs if p["position_ids"].count(0) < len(p["indices"])]
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(register())
+    try:
+        check_shared_equals_alone(model, samples, shared[:2], 1e-4, 1e-3)
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def test_flash_attention_never_gets_a_shared_prefix():
+    from tiny_lora import bundled_tokenizer
+
+    from tutor.train import build_dataset
+    from tutor.train_config import config_from_dict
+
+    cfg = config_from_dict({"model": "smollm2-135m-instruct", "output_dir": "unused", "data": {
+        "datasets": [{"path": str(DATA_DIR / "assistant.jsonl")}], "share_prefix": True}})
+    jumps = {}
+    for impl in ("sdpa_varlen", "flash_attention_2"):
+        packs = build_dataset(cfg, bundled_tokenizer(), impl)[0].packs
+        jumps[impl] = sum(p["position_ids"][k] not in (0, p["position_ids"][k - 1] + 1)
+                          for p in packs for k in range(1, len(p["position_ids"])))
+    assert jumps["flash_attention_2"] == 0  # cu_seqlens cannot express a shared prefix
+    assert jumps["sdpa_varlen"] > 100  # one per sample that left its prefix out

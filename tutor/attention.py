@@ -18,6 +18,19 @@ Packed samples must not see each other (tutor.packing). Each backend is told so 
 generation, with its KV cache, falls back to plain SDPA). What each backend costs is measured
 in the course (`tutor.course.attention_cost`, notebook 09).
 
+Spans and shared prefixes: a span starts where position_ids restart at 0 (a sample) or jump
+(position not one more than the previous one). A span starting at position s > 0 is the rest
+of a sample whose first s tokens are the *shared prefix* (`tutor.packing.pack` with
+``share_prefix``): it attends to the first s tokens of the row's latest span that started at 0,
+then causally to itself — what the whole sample would see alone::
+
+    position_ids  0 1 2 3 4 | 3 4 5      the prefix (0 1 2) is stored once; the first
+                  └prefix┘                sample continues it (3 4), the second jumps back
+                                          to 3 and attends to 0 1 2, then to itself
+
+Flash-attention's varlen kernels take only cu_seqlens, so shared prefixes are for sdpa_varlen
+and the masked backends (`tutor.packing.collate` builds their masks from the same spans).
+
 Not handled: KV caches (generation uses plain SDPA), flex attention.
 """
 
@@ -49,6 +62,26 @@ def sdpa_varlen_mask(batch_size: int, q_length: int, kv_length: int, *args: Any,
                      **kwargs)
 
 
+def span_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool, True where a span begins: position 0, or a position that is not one more
+    than the one before (the rest of a sample that continues a shared prefix)."""
+    starts = position_ids == 0
+    starts[:, 1:] |= position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts
+
+
+def spans(positions: list[int]) -> list[tuple[int, int, int]]:
+    """``(start, end, root)`` per span of one row's position_ids: the span is
+    ``[start, end)``; `root` is where the latest span that began at position 0 starts (its
+    first ``positions[start]`` tokens are the prefix this span continues; itself if 0)."""
+    out, root = [], 0
+    bounds = [k for k, p in enumerate(positions) if k == 0 or p == 0 or p != positions[k - 1] + 1]
+    for start, end in zip(bounds, [*bounds[1:], len(positions)], strict=True):
+        root = start if positions[start] == 0 else root
+        out.append((start, end, root))
+    return out
+
+
 def sdpa_varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor,
                           value: torch.Tensor, attention_mask: torch.Tensor | None,
                           position_ids: torch.Tensor | None = None, **kwargs: Any
@@ -59,10 +92,13 @@ def sdpa_varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor,
     a sample starts (what `tutor.packing.collate` produces). Returns (B, L, H, D), as every
     transformers attention function does. Equal to SDPA with collate's block mask (within
     kernel rounding, tests/test_attention.py) but it skips the blocks that mask zeroes out.
+    A span that continues a shared prefix (see the module docstring) attends to the prefix's
+    keys and its own, through a (n, s + n) bool mask: all of the prefix, causal on itself.
 
     Falls back to transformers' `sdpa_attention_forward` when there is a mask (padding),
     no position_ids, or a KV cache (query shorter than key: generation). Not handled: a
-    sample that does not start at position 0 (e.g. a pack continuing a truncated sample).
+    truncated sample continued in another pack (its span would start at position > 0 and
+    be read as continuing the row's prefix).
     """
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -72,13 +108,25 @@ def sdpa_varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor,
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     rows = []
     for b in range(query.shape[0]):
-        # .tolist() syncs a GPU; this path is for machines without flash-attn (CPUs)
-        starts = sorted({0, *(position_ids[b] == 0).nonzero().flatten().tolist()})
-        bounds = [*starts, L]
-        spans = [sdpa_attention_forward(module, query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
-                                        value[b:b + 1, :, s:e], None, **kwargs)[0]
-                 for s, e in zip(bounds, bounds[1:], strict=False)]  # each (1, n, H, D)
-        rows.append(torch.cat(spans, dim=1))
+        positions = position_ids[b].tolist()  # syncs a GPU; this path is for CPUs
+        bounds = spans(positions)
+        # split, not slices: its backward is one concatenation, where every slice's backward
+        # would write into a zero tensor of the whole row
+        sizes = [e - s for s, e, _ in bounds]
+        qs, ks, vs = (t[b:b + 1].split(sizes, dim=2) for t in (query, key, value))
+        chunk = {s: j for j, (s, _, _) in enumerate(bounds)}  # span start -> its chunk
+        out = []
+        for j, (s, _, root) in enumerate(bounds):
+            k, v, mask = ks[j], vs[j], None
+            if s != root:  # the shared prefix's keys first, all visible, then causal
+                p, r = positions[s], chunk[root]  # the prefix's length, the span holding it
+                k = torch.cat([ks[r][:, :, :p], k], dim=2)
+                v = torch.cat([vs[r][:, :, :p], v], dim=2)
+                # row i sees keys 0 .. p + i: the whole prefix, then itself causally
+                mask = torch.ones(sizes[j], p + sizes[j], dtype=torch.bool,
+                                  device=query.device).tril(p)[None, None]
+            out.append(sdpa_attention_forward(module, qs[j], k, v, mask, **kwargs)[0])
+        rows.append(torch.cat(out, dim=1))  # each (1, n, H, D)
     return torch.cat(rows, dim=0), None
 
 

@@ -18,6 +18,17 @@ of one sample is never trained to predict the first token of the next. transform
 causal-LM loss is then the mean over all trained tokens of the batch, which is exactly the
 token-weighted mean of the same samples run one by one (tests/test_packing.py checks it).
 
+Shared prefix (``share_prefix=True``): chat samples often begin with the same untrained
+tokens, e.g. the template's default system turn (SmolLM2's is 20 tokens of a ~65-token course
+sample). A pack can hold that prefix once: the first sample is stored whole, every later one
+without the prefix, its positions continuing where the prefix ended (``0..p-1`` then ``p..``),
+and attention lets it see the prefix and itself (`tutor.attention.spans`). What each sample
+computes is what it computes alone (a causal prefix does not depend on what follows it), so
+the loss is the same and the prefix's gradient is the sum the copies would get; the FLOPs
+of the copies are saved. Only samples whose prefix and the token after it are untrained
+share (the first token after the prefix would otherwise be predicted from the previous
+sample). Under dropout the copies would draw different masks and the one prefix draws one.
+
 Not handled here: splitting a long sample across packs (it is truncated or dropped, and
 counted), flex-attention block masks, packing for generation (no KV cache), and models
 whose loss is not transformers' ``ForCausalLMLoss``.
@@ -31,7 +42,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tutor.attention import SDPA_VARLEN
+from tutor.attention import SDPA_VARLEN, span_starts, spans
 from tutor.common import IGNORE_INDEX, Sample
 from tutor.errors import TutorError
 
@@ -51,8 +62,10 @@ def _is_varlen(attn_implementation: str) -> bool:
     return attn_implementation in VARLEN_BACKENDS or "flash-attn" in attn_implementation
 
 
-# A pack: the concatenated samples, positions restarting at 0 per sample, input indices.
+# A pack: the concatenated samples, positions restarting at 0 per sample (or continuing a
+# shared prefix), input indices.
 Pack = dict[str, list[int]]  # {"input_ids", "labels", "position_ids", "indices"}
+SHARE_BACKENDS = ("sdpa", "eager", SDPA_VARLEN)  # attention that can see a shared prefix
 
 
 @dataclass
@@ -65,6 +78,7 @@ class Packs(Sequence):
     truncated: int = 0  # samples cut to max_length (overflow="truncate")
     dropped: int = 0  # samples left out because longer than max_length (overflow="drop")
     lengths: list[int] = field(default_factory=list, repr=False)  # per pack, real tokens
+    saved: int = 0  # tokens not stored because a shared prefix stands for them (share_prefix)
 
     def __len__(self) -> int:
         return len(self.packs)
@@ -94,6 +108,7 @@ class Packs(Sequence):
             "utilisation": self.utilisation,
             "truncated": self.truncated,
             "dropped": self.dropped,
+            "saved": self.saved,
         }
 
 
@@ -153,6 +168,7 @@ def pack(
     strategy: str = "bfd",
     overflow: str = "truncate",
     seed: int | None = None,
+    share_prefix: bool = False,
 ) -> Packs:
     """Group samples into packs of at most `max_length` tokens.
 
@@ -164,6 +180,8 @@ def pack(
     (``"truncate"``) or left out (``"drop"``); both are counted in the result.
     seed: ``None`` keeps the input order (greedy) / size order (bfd); an int shuffles the
     samples (greedy) or ties and the order of packs (bfd), reproducibly.
+    share_prefix: the samples that begin with `shared_prefix` are packed among themselves,
+    each pack holding the prefix once (module docstring); the others are packed as usual.
 
     >>> s = lambda n: {"input_ids": [1] * n, "labels": [1] * n}
     >>> [seq_lens(p) for p in pack([s(3), s(6), s(2), s(4)], 8)]
@@ -188,36 +206,77 @@ def pack(
             truncated += 1
             s = {"input_ids": s["input_ids"][:max_length], "labels": s["labels"][:max_length]}
         kept[i] = s
-    lengths = {i: len(s["input_ids"]) for i, s in kept.items()}
+    prefix = shared_prefix(list(kept.values())) if share_prefix else []
+    sharing = {i for i, s in kept.items() if _shares(s, prefix)}
     order = list(kept)
     rng = random.Random(seed)
     if seed is not None:
         rng.shuffle(order)
     packer = _bfd if strategy == "bfd" else _greedy
-    bins = packer(lengths, order, max_length)
+    p = len(prefix)
+    bins = [(b, []) for b in packer({i: len(kept[i]["input_ids"]) for i in order
+                                     if i not in sharing},
+                                    [i for i in order if i not in sharing], max_length)]
+    if sharing:  # the rests of the samples fill max_length - p; the prefix comes once
+        bins += [(b, prefix) for b in packer({i: len(kept[i]["input_ids"]) - p for i in sharing},
+                                             [i for i in order if i in sharing], max_length - p)]
     if seed is not None and strategy == "bfd":
         rng.shuffle(bins)  # otherwise the longest samples would all come first
-    packs = [_join([kept[i] for i in b], b) for b in bins]
-    return Packs(
-        packs, max_length, strategy, truncated, dropped, [len(p["input_ids"]) for p in packs]
-    )
+    packs = [_join([kept[i] for i in b], b, pre) for b, pre in bins]
+    saved = sum(len(pre) * (len(b) - 1) for b, pre in bins)
+    return Packs(packs, max_length, strategy, truncated, dropped,
+                 [len(p["input_ids"]) for p in packs], saved)
 
 
-def _join(samples: list[Sample], indices: list[int]) -> Pack:
+def _join(samples: list[Sample], indices: list[int], prefix: Sequence[int] = ()) -> Pack:
+    """The samples one after the other; with a `prefix` (which each of them starts with), the
+    first whole and the others without it, their positions continuing the prefix's."""
+    parts = [(s, len(prefix) if k else 0) for k, s in enumerate(samples)]  # (sample, cut)
     return {
-        "input_ids": [t for s in samples for t in s["input_ids"]],
-        "labels": [t for s in samples for t in s["labels"]],
-        # Restarting positions mark where each sample begins. They are also a forward
-        # argument of the model, so Trainer's remove_unused_columns keeps them.
-        "position_ids": [k for s in samples for k in range(len(s["input_ids"]))],
+        "input_ids": [t for s, c in parts for t in s["input_ids"][c:]],
+        "labels": [t for s, c in parts for t in s["labels"][c:]],
+        # Restarting (or jumping) positions mark where each sample begins. They are also a
+        # forward argument of the model, so Trainer's remove_unused_columns keeps them.
+        "position_ids": [k for s, c in parts for k in range(c, len(s["input_ids"]))],
         "indices": list(indices),  # informational; Trainer drops it before collate
     }
 
 
+def shared_prefix(samples: Sequence[Sample]) -> list[int]:
+    """The longest token prefix that at least half of the samples (two at least) begin with
+    and may share: all of it untrained, and the token after it untrained too. [] if none.
+
+    >>> s = lambda ids, n_trained: {"input_ids": ids, "labels": [-100] * (len(ids) - n_trained)
+    ...                             + ids[len(ids) - n_trained:]}
+    >>> shared_prefix([s([1, 2, 3, 7, 8], 1), s([1, 2, 3, 9, 8, 8], 2), s([5, 6], 1)])
+    [1, 2, 3]
+    """
+    group, prefix = list(samples), []
+    need = max(2, -(-len(samples) // 2))
+    while True:
+        k = len(prefix)
+        counts: dict[int, int] = {}
+        for s in group:
+            if len(s["input_ids"]) > k + 1 and s["labels"][k] == s["labels"][k + 1] == IGNORE_INDEX:
+                counts[s["input_ids"][k]] = counts.get(s["input_ids"][k], 0) + 1
+        token, n = max(counts.items(), key=lambda kv: kv[1], default=(None, 0))
+        if n < need:
+            return prefix
+        prefix.append(token)
+        group = [s for s in group if _shares(s, prefix)]
+
+
+def _shares(s: Sample, prefix: Sequence[int]) -> bool:
+    """`s` begins with a non-empty `prefix`, and neither it nor the next token is trained."""
+    p = len(prefix)
+    return (p > 0 and len(s["input_ids"]) > p and s["input_ids"][:p] == list(prefix)
+            and all(t == IGNORE_INDEX for t in s["labels"][:p + 1]))
+
+
 def seq_lens(p: Pack) -> list[int]:
-    """Lengths of the samples in pack `p`, read from its restarting ``position_ids``."""
-    starts = [k for k, pos in enumerate(p["position_ids"]) if pos == 0]
-    return [b - a for a, b in zip(starts, starts[1:] + [len(p["position_ids"])], strict=True)]
+    """Lengths of the spans in pack `p` (one per sample; a sample that continues a shared
+    prefix counts without it), read from its ``position_ids``."""
+    return [end - start for start, end, _ in spans(p["position_ids"])]
 
 
 def padding_utilisation(
@@ -258,6 +317,9 @@ def collate(
       (its varlen path needs batch size 1). Unverified here: no GPU on our machines.
     - ``"sdpa_varlen"`` (`tutor.attention.register`): the same flattened row; SDPA then
       runs causal on each sample's span.
+
+    Packs with a shared prefix (``pack(..., share_prefix=True)``) work with sdpa, eager and
+    sdpa_varlen: the masks also let each later sample see the prefix (`_block_mask`).
 
     Two packs with ``seq_lens`` [3, 2] and [4] (``.`` = masked, ``p`` = padding's block)::
 
@@ -305,20 +367,36 @@ def collate(
         labels[r, :n] = torch.tensor(p["labels"])
         position_ids[r, :n] = torch.tensor(p["position_ids"])
         position_ids[r, n:] -= n  # the padding tail counts from 0: a block of its own
-    starts = position_ids == 0  # (B, L) first token of each sample (and of the padding)
+    starts = span_starts(position_ids)  # (B, L) first token of each sample (and padding)
     labels[starts] = IGNORE_INDEX  # never a target for the previous sample's last token
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
     if attn_implementation in MASK_BACKENDS:
-        segment = starts.cumsum(-1)  # (B, L) which block each token is in
-        causal = torch.ones(L, L, dtype=torch.bool).tril()
-        allowed = (segment[:, :, None] == segment[:, None, :]) & causal  # (B, L, L)
-        allowed = allowed[:, None]  # (B, 1, L, L): one mask shared by all heads
+        batch["attention_mask"] = _block_mask(position_ids, starts)
         if attn_implementation == "eager":
             dtype = mask_dtype or torch.float32
             zero = torch.zeros((), dtype=dtype)
-            allowed = torch.where(allowed, zero, torch.finfo(dtype).min)
-        batch["attention_mask"] = allowed
+            batch["attention_mask"] = torch.where(batch["attention_mask"], zero,
+                                                  torch.finfo(dtype).min)
     return batch
+
+
+def _block_mask(position_ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """(B, 1, L, L) bool, True = may attend: causal inside each span, and a span that
+    continues a shared prefix (first position p > 0) also sees the first p tokens of the
+    latest span that began at position 0 (`tutor.attention.spans`)."""
+    import torch
+
+    L = position_ids.shape[1]
+    index = torch.arange(L).expand_as(position_ids)  # (B, L)
+    segment = starts.cumsum(-1)  # (B, L) which span each token is in
+    span_start = torch.where(starts, index, 0).cummax(-1).values  # (B, L)
+    root = torch.where(position_ids == 0, index, 0).cummax(-1).values  # (B, L)
+    prefix = position_ids.gather(-1, span_start).masked_fill(span_start == root, 0)  # (B, L)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    own = (segment[:, :, None] == segment[:, None, :]) & causal  # (B, L, L)
+    keys = index[:, None, :]  # (B, 1, L)
+    shared = (keys >= root[:, :, None]) & (keys < (root + prefix)[:, :, None])
+    return (own | shared)[:, None]  # (B, 1, L, L): one mask shared by all heads
 
 
 def _flatten(packs: Sequence[Pack]) -> Pack:
@@ -390,19 +468,23 @@ class PackedDataset:
         overflow: str = "truncate",
         seed: int = 0,
         reshuffle: bool = True,
+        share_prefix: bool = False,
     ) -> None:
         self.samples = list(samples)
         self.max_length, self.strategy, self.overflow = max_length, strategy, overflow
-        self.seed, self.reshuffle = seed, reshuffle
+        self.seed, self.reshuffle, self.share_prefix = seed, reshuffle, share_prefix
         self.epoch = 0
-        self.packs = pack(self.samples, max_length, strategy, overflow, seed)
+        self.packs = self._pack(seed)
+
+    def _pack(self, seed: int) -> Packs:
+        return pack(self.samples, self.max_length, self.strategy, self.overflow, seed,
+                    self.share_prefix)
 
     def set_epoch(self, epoch: int) -> None:
         """Re-pack for `epoch` (a no-op when ``reshuffle`` is False)."""
         self.epoch = epoch
         if self.reshuffle:
-            seed = self.seed + epoch
-            self.packs = pack(self.samples, self.max_length, self.strategy, self.overflow, seed)
+            self.packs = self._pack(self.seed + epoch)
 
     def __len__(self) -> int:
         return len(self.packs)

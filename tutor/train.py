@@ -237,7 +237,7 @@ def build_dataset(cfg: TrainConfig, tokenizer: Any, attn_implementation: str = "
     loss is computed exactly like the training loss. `mask_dtype` is the model's (for eager's
     additive mask). The validation dataset is None when the recipe has no ``data.validation``.
     """
-    from tutor.packing import PackCollator, PackedDataset
+    from tutor.packing import SHARE_BACKENDS, PackCollator, PackedDataset
 
     samples, reports = load_samples(cfg, tokenizer, split)
     if not samples:
@@ -248,6 +248,7 @@ def build_dataset(cfg: TrainConfig, tokenizer: Any, attn_implementation: str = "
         dataset = PackedDataset(  # fixed validation packs: every evaluation sees the same
             samples, cfg.data.max_length, cfg.data.packing, seed=cfg.train.seed,
             reshuffle=split == "train",
+            share_prefix=cfg.data.share_prefix and attn_implementation in SHARE_BACKENDS,
         )
     collator = PackCollator(attn_implementation, tokenizer.pad_token_id, mask_dtype,
                             keep_logits=True)

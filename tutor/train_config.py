@@ -63,6 +63,10 @@ class DataSection:
     datasets: list[DatasetSpec] = field(default_factory=list)
     max_length: int = 512  # tokens per sample and per pack
     packing: Literal["bfd", "greedy", "none"] = "bfd"
+    # Store a prefix that most samples begin with (e.g. the template's default system turn)
+    # once per pack (tutor.packing): same loss, fewer tokens. Where the attention can see a
+    # shared prefix (sdpa_varlen, sdpa, eager); flash-attention packs without it.
+    share_prefix: bool = False
     # Validation: a data file (format auto), or a fraction (0 < f < 1) of each dataset's
     # conversations held out with train.seed before weighting and packing; null = none.
     validation: str | float | None = None
