@@ -16,8 +16,8 @@ DATA_FILES = sorted(p for p in DATA.iterdir() if p.suffix in (".jsonl", ".csv"))
 
 def test_data_files_are_there():
     assert [p.name for p in DATA_FILES] == [
-        "assistant.jsonl", "assistant_heldout.jsonl", "general_probe.jsonl", "geography_qa.jsonl",
-        "pretrain_corpus.jsonl", "raw_qa.csv"]
+        "assistant.jsonl", "assistant_heldout.jsonl", "everyday_qa.jsonl", "general_probe.jsonl",
+        "geography_qa.jsonl", "pretrain_corpus.jsonl", "raw_qa.csv"]
 
 
 @pytest.mark.parametrize("path", DATA_FILES, ids=[p.name for p in DATA_FILES])
