@@ -287,11 +287,12 @@ def test_batched_answers_equal_one_at_a_time_on_the_bundled_model():
     """Real answers that stop at <|im_end|> at different lengths: the shipped scoring
     files, 32 new tokens (what notebook 06 scores with), fp32."""
     from tutor.chat import reply, reply_batch
-    from tutor.eval import load_items
+    from tutor.eval import ASK_BATCH, load_items
     from tutor.models import load
 
     model, tok = load()
     prompts = [i.prompt for name in ("assistant_heldout.jsonl", "general_probe.jsonl")
                for i in load_items(ROOT / "tutor" / "configs" / "data" / name)]
     one = [reply(model, tok, p, 32) for p in prompts]
-    assert reply_batch(model, tok, prompts, 32) == one
+    assert reply_batch(model, tok, prompts, 32) == one  # batches of 16 and 11
+    assert reply_batch(model, tok, prompts, 32, batch_size=ASK_BATCH) == one  # all 27 at once

@@ -50,7 +50,7 @@ CASES = [
     ("05.3", MASK_2_4_3, [[int(j <= i) for j in range(9)] for i in range(9)],
      "samples may not see each other"),  # bool or 0/1, (L, L) or (1, 1, L, L)
     ("05.3", [[MASK_2_4_3]], [row[:8] for row in MASK_2_4_3[:8]], "(9, 9)"),
-    ("06.2", 32 * 3, 32, "one epoch"),  # 90 % of identity + geography + glossary, packed
+    ("06.2", 23 * 2, 23, "one epoch"),  # 90 % of identity + geography + everyday, shared prefix
     ("07.1", [[3, 4, 0], [0, 1, 0]], [[1.5, 1, 0], [0, 1, 0]], "alpha / r = 4"),
     ("07.2", 134_515_008, 134_515_008 + 4_884_480, "A and B do not survive"),  # Pico: r=16
     ("07.3", 9.18563, 0.0921173, "divided by |W|"),  # NF4 error of a 1 % update, in |delta|
