@@ -239,24 +239,41 @@ def random_samples(n: int, seed: int) -> list[dict[str, list[int]]]:
     return out
 
 
-def check_packed_equals_unpacked(model, samples, packs, collate_fn, loss_tol, logit_tol):
-    """Assert packed loss == token-weighted unpacked loss and per-sample logits match."""
-    alone = {i: model(input_ids=torch.tensor([samples[i]["input_ids"]]),
-                      labels=torch.tensor([samples[i]["labels"]]))
-             for p in packs for i in p["indices"]}  # fmt: skip
+def check_packed_equals_unpacked(model, samples, packs, collate_fn, loss_tol, logit_tol,
+                                 grad_tol=None):
+    """Assert a batch of packs (shared prefixes included) gives the token-weighted loss of its
+    samples run alone, each sample's logits (a later sample's without its prefix) and, with
+    `grad_tol`, every weight's gradient. Returns the batch and the model's output."""
     used = [i for p in packs for i in p["indices"]]
-    trained = {i: sum(t != _ for t in samples[i]["labels"][1:]) for i in used}  # label 0: no target
-    weighted = sum(alone[i].loss * trained[i] for i in used if trained[i]) / sum(trained.values())
-    batch = collate_fn(packs)
-    out = model(**batch)
+    trained = {i: sum(t != _ for t in samples[i]["labels"][1:]) for i in used}
+    total = sum(trained.values())
+    model.zero_grad()
+    alone = {}
+    with torch.set_grad_enabled(grad_tol is not None):
+        for i in used:
+            out = model(input_ids=torch.tensor([samples[i]["input_ids"]]),
+                        labels=torch.tensor([samples[i]["labels"]]))
+            alone[i] = out.logits[0].detach()
+            if grad_tol is not None and trained[i]:
+                (out.loss * trained[i] / total).backward()
+        want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        batch = collate_fn(packs)
+        out = model(**batch)
+        if grad_tol is not None:
+            out.loss.backward()
+    weighted = sum(torch.nn.functional.cross_entropy(alone[i][:-1], torch.tensor(
+        samples[i]["labels"][1:]), reduction="sum") for i in used) / total
     assert abs(out.loss.item() - weighted.item()) < loss_tol
-    flat = len(packs) > 1 and batch["input_ids"].shape[0] == 1  # varlen: packs in one row
-    off = 0
-    for r, p in enumerate(packs):
-        off = off if flat else 0
-        for i, n in zip(p["indices"], seq_lens(p), strict=True):
-            got = out.logits[0 if flat else r, off : off + n]
-            diff = (got - alone[i].logits[0]).abs().max().item()
+    for name, p in model.named_parameters() if grad_tol is not None else ():
+        assert (p.grad - want[name]).abs().max() < grad_tol, name
+    flat, off = batch["input_ids"].shape[0] == 1, 0
+    for r, pk in enumerate(packs):
+        row, off = (0, off) if flat else (r, 0)
+        for k, (i, n) in enumerate(zip(pk["indices"], seq_lens(pk), strict=True)):
+            cut = len(samples[i]["input_ids"]) - n  # the prefix a later sample left out
+            assert cut == 0 or k > 0
+            diff = (out.logits[row, off:off + n] - alone[i][cut:]).abs().max().item()
             assert diff < logit_tol, f"sample {i} in pack {r}: logits differ by {diff}"
             off += n
     return batch, out
@@ -464,44 +481,6 @@ def shared_samples(n: int, seed: int) -> list[dict[str, list[int]]]:
     return [prefixed(s["input_ids"], 1 + k % 3) if k % 4 else s for k, s in enumerate(out)]
 
 
-def check_shared_equals_alone(model, samples, packs, loss_tol, logit_tol, grad_tol=None):
-    """Assert a batch of (shared-prefix) packs gives the token-weighted loss of its samples
-    run alone, each sample's logits (a later sample's without its prefix) and, with
-    `grad_tol`, every weight's gradient."""
-    used = [i for p in packs for i in p["indices"]]
-    trained = {i: sum(t != _ for t in samples[i]["labels"][1:]) for i in used}
-    total = sum(trained.values())
-    model.zero_grad()
-    alone = {}
-    with torch.set_grad_enabled(grad_tol is not None):
-        for i in used:
-            out = model(input_ids=torch.tensor([samples[i]["input_ids"]]),
-                        labels=torch.tensor([samples[i]["labels"]]))
-            alone[i] = out.logits[0].detach()
-            if grad_tol is not None and trained[i]:
-                (out.loss * trained[i] / total).backward()
-        want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        model.zero_grad()
-        batch = collator_for(model)(packs)
-        out = model(**batch)
-        if grad_tol is not None:
-            out.loss.backward()
-    weighted = sum(torch.nn.functional.cross_entropy(alone[i][:-1], torch.tensor(
-        samples[i]["labels"][1:]), reduction="sum") for i in used) / total
-    assert abs(out.loss.item() - weighted.item()) < loss_tol
-    for name, p in model.named_parameters() if grad_tol is not None else ():
-        assert (p.grad - want[name]).abs().max() < grad_tol, name
-    flat, off = batch["input_ids"].shape[0] == 1, 0
-    for r, pk in enumerate(packs):
-        row, off = (0, off) if flat else (r, 0)
-        for k, (i, n) in enumerate(zip(pk["indices"], seq_lens(pk), strict=True)):
-            cut = len(samples[i]["input_ids"]) - n  # the prefix a later sample left out
-            assert cut == 0 or k > 0
-            diff = (out.logits[row, off:off + n] - alone[i][cut:]).abs().max().item()
-            assert diff < logit_tol, f"sample {i} in pack {r}: logits differ by {diff}"
-            off += n
-
-
 @pytest.mark.parametrize("impl", ["sdpa", "eager", "sdpa_varlen"])
 def test_tiny_llama_shared_prefix_equals_samples_alone(impl):
     """Loss, logits of every token and the gradient of every weight equal what each
@@ -510,7 +489,8 @@ def test_tiny_llama_shared_prefix_equals_samples_alone(impl):
     samples = shared_samples(12, seed=4)
     packs = pack(samples, 64, seed=0, share_prefix=True)[:3]
     assert sum(p["position_ids"].count(0) < len(p["indices"]) for p in packs) >= 2  # shared
-    check_shared_equals_alone(model, samples, packs, 1e-5, 1e-4, grad_tol=1e-5)
+    check_packed_equals_unpacked(model, samples, packs, collator_for(model), 1e-5, 1e-4,
+                                 grad_tol=1e-5)
 
 
 @pytest.mark.slow
@@ -529,7 +509,8 @@ def test_bundled_model_shared_prefix_equals_samples_alone_on_course_data(bundled
     previous = model.config._attn_implementation
     model.set_attn_implementation(register())
     try:
-        check_shared_equals_alone(model, samples, shared[:2], 1e-4, 1e-3)
+        check_packed_equals_unpacked(model, samples, shared[:2], collator_for(model), 1e-4,
+                                     1e-3)
     finally:
         model.set_attn_implementation(previous)
 

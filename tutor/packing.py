@@ -213,13 +213,12 @@ def pack(
     if seed is not None:
         rng.shuffle(order)
     packer = _bfd if strategy == "bfd" else _greedy
-    p = len(prefix)
-    bins = [(b, []) for b in packer({i: len(kept[i]["input_ids"]) for i in order
-                                     if i not in sharing},
-                                    [i for i in order if i not in sharing], max_length)]
-    if sharing:  # the rests of the samples fill max_length - p; the prefix comes once
-        bins += [(b, prefix) for b in packer({i: len(kept[i]["input_ids"]) - p for i in sharing},
-                                             [i for i in order if i in sharing], max_length - p)]
+    # Two groups packed apart; a sharing sample's rest fills max_length - p (the prefix once).
+    groups = [([i for i in order if i not in sharing], []),
+              ([i for i in order if i in sharing], prefix)]
+    bins = [(b, pre) for ids, pre in groups if ids
+            for b in packer({i: len(kept[i]["input_ids"]) - len(pre) for i in ids}, ids,
+                            max_length - len(pre))]
     if seed is not None and strategy == "bfd":
         rng.shuffle(bins)  # otherwise the longest samples would all come first
     packs = [_join([kept[i] for i in b], b, pre) for b, pre in bins]
@@ -388,12 +387,11 @@ def _block_mask(position_ids: torch.Tensor, starts: torch.Tensor) -> torch.Tenso
 
     L = position_ids.shape[1]
     index = torch.arange(L).expand_as(position_ids)  # (B, L)
-    segment = starts.cumsum(-1)  # (B, L) which span each token is in
-    span_start = torch.where(starts, index, 0).cummax(-1).values  # (B, L)
+    span_start = torch.where(starts, index, 0).cummax(-1).values  # (B, L) names each span
     root = torch.where(position_ids == 0, index, 0).cummax(-1).values  # (B, L)
     prefix = position_ids.gather(-1, span_start).masked_fill(span_start == root, 0)  # (B, L)
     causal = torch.ones(L, L, dtype=torch.bool).tril()
-    own = (segment[:, :, None] == segment[:, None, :]) & causal  # (B, L, L)
+    own = (span_start[:, :, None] == span_start[:, None, :]) & causal  # (B, L, L)
     keys = index[:, None, :]  # (B, 1, L)
     shared = (keys >= root[:, :, None]) & (keys < (root + prefix)[:, :, None])
     return (own | shared)[:, None]  # (B, 1, L, L): one mask shared by all heads
