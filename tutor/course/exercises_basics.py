@@ -110,25 +110,42 @@ def _llama2_by_hand(answer: Any) -> Verdict:
                  f"the template has {expected[i:i + 12]!r} (mind spaces and newlines)")
 
 
-@exercise("01.2", "which named templates add a default system prompt")
-def _default_system(answer: Any) -> Verdict:
+def _default_system_tokens() -> tuple[dict[str, int], dict[str, int]]:
+    """({template: tokens of its default system turn}, the same in characters) for every named
+    template that writes a system turn into a user-only conversation (bundled tokenizer)."""
     from tutor.templates import get_template, list_templates
 
     only_user = [{"role": "user", "content": "Hi"}]
-    truth = {name for name in list_templates()[1:]
-             if any(s.role == "system" for s in get_template(name).segments(only_user))}
-    if isinstance(answer, str) or not isinstance(answer, (set, list, tuple, frozenset)):
-        raise Hint("give a set of template names, e.g. {'chatml', 'gemma'}")
-    names = set(answer)
-    if names == truth:
-        return right(f"{sorted(truth)} write a system turn even when the conversation has none")
-    if "auto" in names:
+    texts = {name: "".join(s.text for s in get_template(name).segments(only_user)
+                           if s.role == "system") for name in list_templates()[1:]}
+    tok = bundled_tokenizer()
+    tokens = {n: len(tok(t, add_special_tokens=False)["input_ids"]) for n, t in texts.items() if t}
+    return tokens, {n: len(texts[n]) for n in tokens}
+
+
+@exercise("01.2", "measure: the tokens each named template's default system turn costs")
+def _default_system(answer: Any) -> Verdict:
+    truth, chars = _default_system_tokens()
+    if not isinstance(answer, dict):
+        raise Hint("give a dict {template name: number of tokens}, e.g. {'chatml': 12}")
+    if answer == truth:
+        worst = max(truth, key=truth.get)
+        return right(f"{truth}: {worst} spends {truth[worst]} tokens of every sample on a "
+                     "system turn nobody wrote, and none of it is trained")
+    if "auto" in answer:
         return wrong("leave out 'auto': it is the tokenizer's own template, not a named one")
-    if extra := sorted(names - truth):
+    if extra := sorted(set(answer) - set(truth)):
         return wrong(f"{extra[0]!r} adds no system turn when there is none; render "
                      "[{'role': 'user', 'content': 'Hi'}] with it and look at the segments")
-    return wrong(f"{len(truth - names)} more template(s) do it; look for segments whose role "
-                 "is 'system' in each template's rendering of a user-only conversation")
+    if missing := sorted(set(truth) - set(answer)):
+        return wrong(f"{len(missing)} more template(s) write a system turn; look for segments "
+                     "whose role is 'system' in each template's rendering")
+    if answer == chars:
+        return wrong("those are characters; tokenize the system text with the bundled "
+                     "tokenizer (add_special_tokens=False) and count the ids")
+    off = next(n for n in truth if answer[n] != truth[n])
+    return wrong(f"{off}: count the tokens of all its 'system' segments joined into one "
+                 "string, tokenized with add_special_tokens=False")
 
 
 # ── 02 loss masking ───────────────────────────────────────────────────────────────────
