@@ -91,3 +91,37 @@ def test_unknown_template_is_one_line(action, capsys):
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and "unknown chat template 'chatmlx'; did you mean chatml" in err[0]
     assert "raw_qa.csv:" not in captured.out
+
+
+def test_quality_pass_finds_each_kind_by_line(tmp_path):
+    """tutor.datacheck.quality_pass on a planted file: every finding with its file:line."""
+    from transformers import AutoTokenizer
+
+    from tutor.datacheck import normalise, quality_pass, tukey_fences
+    from tutor.models import resolve
+
+    def qa(q: str, a: str) -> str:
+        return json.dumps({"question": q, "answer": a})
+
+    lines = [qa(f"What is item {w}?", f"Item {w} is a word we use in tests, nothing more.")
+             for w in "123456"]
+    lines += [lines[0],                                                    # 7: exact copy of 1
+              qa("what is  ITEM 2", "item 2 is a word we use in tests nothing more"),  # 8: ~2
+              qa("What is item 3?", "Item 3 is a word we use in tests, nothing less."),  # 9: 3
+              qa("What is item 7?", "Yes."),                               # 10: short answer
+              qa("What is item 8?", "Item 8 " * 120)]                      # 11: long outlier
+    path = tmp_path / "planted.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    report = quality_pass(path, AutoTokenizer.from_pretrained(resolve()))
+    at = f"{path}:"
+    assert report.exact == [(at + "7", at + "1")]
+    assert report.near == [(at + "8", at + "2")]
+    assert report.same_question == [(at + "9", at + "3")]
+    assert report.short_answers == [(at + "10", 2)]  # "Yes." is two tokens: "Yes" "."
+    assert [w for w, _ in report.long] == [at + "11"]
+    assert at + "10" in dict(report.short_length)  # the one-word answer is short in tokens too
+    low, high = report.fences
+    assert all(n < low for _, n in report.short_length) and all(n > high for _, n in report.long)
+    assert report.fences == tukey_fences(list(report.lengths.values()))
+    assert normalise("What's  LoRA?") == "what s lora"
+    assert tukey_fences([1, 2, 3, 4, 5]) == (-1.0, 7.0)  # Q1 2, Q3 4, IQR 2

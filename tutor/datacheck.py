@@ -15,7 +15,12 @@ and collects every problem with its ``file:line``:
 It also counts records, turns per role, token lengths (with a terminal histogram)
 and the share of tokens that are trained.
 
-Not handled: semantic checks of the content (facts, language, toxicity).
+`quality_pass` is a second, slower look at a file that loads: exact and near duplicates
+(equal after `normalise`), one question with two different answers, token-length outliers
+outside Tukey's fences, and very short answers — findings to read, not errors.
+
+Not handled: semantic checks of the content (facts, language, toxicity), and near duplicates
+that differ in more than case, punctuation and spacing (no fuzzy or embedding similarity).
 """
 
 from __future__ import annotations
@@ -172,4 +177,104 @@ def format_report(report: CheckReport, max_problems: int = 50) -> str:
         lines += [f"  {p}" for p in report.problems[:max_problems]]
         if len(report.problems) > max_problems:
             lines.append(f"  ... and {len(report.problems) - max_problems} more")
+    return "\n".join(lines)
+
+
+# ── data quality: duplicates, near duplicates, length outliers, very short answers ──────
+
+
+@dataclass
+class QualityReport:
+    """What `quality_pass` found; each entry names the record by ``file:line``.
+
+    ``exact``: (where, where of the first copy) for identical conversations; ``near``: the same
+    for conversations identical after `normalise` but not before; ``same_question``: (where,
+    where of the first) for records whose user turns normalise alike but whose answers differ
+    (two answers to one question teach the model both); ``long``/``short_length``: (where,
+    tokens) outside Tukey's fences Q1 - k·IQR .. Q3 + k·IQR of the token lengths; ``short_answers``:
+    (where, tokens) for assistant answers with fewer than ``min_answer_tokens`` tokens.
+    """
+
+    path: str
+    lengths: dict[str, int] = field(default_factory=dict)  # where -> tokens of the sample
+    fences: tuple[float, float] = (0.0, 0.0)
+    exact: list[tuple[str, str]] = field(default_factory=list)
+    near: list[tuple[str, str]] = field(default_factory=list)
+    same_question: list[tuple[str, str]] = field(default_factory=list)
+    long: list[tuple[str, int]] = field(default_factory=list)
+    short_length: list[tuple[str, int]] = field(default_factory=list)
+    short_answers: list[tuple[str, int]] = field(default_factory=list)
+
+
+def normalise(text: str) -> str:
+    """Lower case, letters and digits only, single spaces: "What's  LoRA?" -> "what s lora"."""
+    return " ".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
+
+
+def tukey_fences(values: list[int], k: float = 1.5) -> tuple[float, float]:
+    """(Q1 - k·IQR, Q3 + k·IQR) with quartiles interpolated as numpy's default (linear)."""
+    import numpy as np
+
+    q1, q3 = np.percentile(values, [25, 75])
+    return float(q1 - k * (q3 - q1)), float(q3 + k * (q3 - q1))
+
+
+def quality_pass(path: str | Path, tokenizer: PreTrainedTokenizerBase,
+                 template: str | ChatTemplate = "auto", k: float = 1.5,
+                 min_answer_tokens: int = 3) -> QualityReport:
+    """Look for duplicates, near duplicates, one question with two answers, token-length
+    outliers and very short answers in a dataset file that loads (`iter_conversations`
+    raises on the first bad record: run `check_file` first). Lengths are tokens of the
+    encoded sample (template included); answers are tokenized alone."""
+    from tutor.formats import iter_conversations
+
+    if isinstance(template, str):
+        template = get_template(template, tokenizer)
+    report = QualityReport(path=str(path))
+    exact: dict[str, str] = {}
+    near: dict[str, str] = {}
+    questions: dict[str, tuple[str, str]] = {}
+    for where, messages in iter_conversations(path):
+        report.lengths[where] = len(encode_sample(messages, tokenizer, template, None,
+                                                  "all")[0]["input_ids"])
+        key = json.dumps(messages, ensure_ascii=False, sort_keys=True)
+        loose = normalise(" ".join(m["content"] for m in messages))
+        if key in exact:
+            report.exact.append((where, exact[key]))
+        elif loose in near:
+            report.near.append((where, near[loose]))
+        exact.setdefault(key, where)
+        near.setdefault(loose, where)
+        question = normalise(" ".join(m["content"] for m in messages if m["role"] == "user"))
+        answer = normalise(" ".join(m["content"] for m in messages if m["role"] == "assistant"))
+        first = questions.setdefault(question, (where, answer))
+        if question and first[0] != where and first[1] != answer:
+            report.same_question.append((where, first[0]))
+        for m in messages:
+            if m["role"] == "assistant":
+                n = len(tokenizer(m["content"], add_special_tokens=False)["input_ids"])
+                if n < min_answer_tokens:
+                    report.short_answers.append((where, n))
+    if report.lengths:
+        low, high = report.fences = tukey_fences(list(report.lengths.values()), k)
+        report.long = [(w, n) for w, n in report.lengths.items() if n > high]
+        report.short_length = [(w, n) for w, n in report.lengths.items() if n < low]
+    return report
+
+
+def format_quality(report: QualityReport) -> str:
+    """One line per finding, after a summary line."""
+    low, high = report.fences
+    lines = [f"{report.path}: {len(report.lengths)} conversations; {len(report.exact)} exact and "
+             f"{len(report.near)} near duplicates, {len(report.same_question)} questions answered "
+             f"twice differently, {len(report.long)} long and {len(report.short_length)} short "
+             f"outliers (tokens outside {low:.1f}..{high:.1f}), {len(report.short_answers)} "
+             "very short answers"]
+    lines += [f"  {w}: exact duplicate of {first}" for w, first in report.exact]
+    lines += [f"  {w}: near duplicate of {first}" for w, first in report.near]
+    lines += [f"  {w}: same question as {first}, another answer"
+              for w, first in report.same_question]
+    lines += [f"  {w}: {n} tokens, above {high:.1f}" for w, n in report.long]
+    lines += [f"  {w}: {n} tokens, below {low:.1f}" for w, n in report.short_length]
+    lines += [f"  {w}: answer of {n} token(s)" for w, n in report.short_answers]
     return "\n".join(lines)

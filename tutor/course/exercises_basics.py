@@ -41,21 +41,39 @@ def _trained(labels: list[int]) -> int:
 # ── 00 quickstart ─────────────────────────────────────────────────────────────────────
 
 
-@exercise("00.1", "predict the bf16 weight memory (MiB) from the parameter count")
-def _bf16_mib(answer: Any) -> Verdict:
-    from tutor.models import footprint_bytes, load
+KV_TOKENS, KV_MEASURED = 2048, 256  # the exercise's conversation; the tokens the check runs
+
+
+@exercise("00.1", "predict the bf16 KV cache (MiB) of 2,048 tokens from the config")
+def _kv_cache_mib(answer: Any) -> Verdict:
+    import torch
+
+    from tutor.models import load
 
     model, _ = load(dtype="bfloat16")
-    n = sum(p.numel() for p in model.parameters())
-    mib = footprint_bytes(model) / 2**20
+    ids = torch.arange(1000, 1000 + KV_MEASURED).unsqueeze(0)  # any tokens: the cache's size
+    with torch.inference_mode():  # depends only on their number
+        cache = model(input_ids=ids, use_cache=True).cache
+    measured = sum(t.numel() * t.element_size() for layer in cache.layers
+                   for t in (layer.keys, layer.values))
+    mib = measured * (KV_TOKENS // KV_MEASURED) / 2**20  # the cache grows linearly in tokens
+    c = model.config
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size
+                                                                  // c.num_attention_heads)
     return judge(as_float(answer, "a number of MiB"), mib, rel=0.01,
-                 why=f"{n:,} parameters × 2 bytes / 2**20 ≈ {mib:.0f} MiB",
-                 hint="count the parameters, multiply by the bytes per bf16 number, "
-                      "divide by 2**20",
-                 mistakes=[(n * 4 / 2**20, "that is fp32 (4 bytes per number); bf16 takes 2"),
-                           (n * 2, "that is in bytes: divide by 2**20 for MiB"),
-                           (n * 2 / 1e6, "that is MB (10**6 bytes); a MiB is 2**20 bytes"),
-                           (n / 2 / 2**20, "that is 4 bits per number; bf16 has 16")])
+                 why=f"2 (key, value) x {c.num_hidden_layers} layers x {c.num_key_value_heads} "
+                     f"KV heads x {c.hidden_size // c.num_attention_heads} numbers x 2 bytes x "
+                     f"{KV_TOKENS} tokens = {mib:.0f} MiB, measured on a real forward pass "
+                     f"({KV_MEASURED} tokens, x {KV_TOKENS // KV_MEASURED})",
+                 hint="2 (key and value) x layers x KV heads x head_dim x 2 bytes x 2048 tokens, "
+                      "divided by 2**20",
+                 mistakes=[(mib * c.num_attention_heads / c.num_key_value_heads,
+                            "you used num_attention_heads: keys and values have only "
+                            "num_key_value_heads heads (grouped-query attention)"),
+                           (mib / 2, "a key *and* a value per token and head: twice that"),
+                           (mib * 2, "that is fp32 (4 bytes); bf16 takes 2"),
+                           (per_token * 2 * KV_TOKENS,
+                            "that is in bytes: divide by 2**20 for MiB")])
 
 
 @exercise("00.2", "measure: the share of the 4-bit model's bytes left unquantised")
@@ -238,11 +256,6 @@ def _answer_vs_all(answer: Any) -> Verdict:
 # ── 03 custom dataset ─────────────────────────────────────────────────────────────────
 
 
-THREE_RECORDS = [
-    {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
-    {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
-    {"conversation": [{"system": "Be brief.", "input": "Hi", "output": "Hello!"}]},
-]
 MYSTERY_LINES = [
     '{"instruction": "Say one.", "output": "one"}',
     '{"instruction": "Say one.", "output": "one"}',
@@ -252,21 +265,31 @@ MYSTERY_LINES = [
 ]
 
 
-@exercise("03.1", "name the format of three records", given=THREE_RECORDS)
-def _formats(answer: Any) -> Verdict:
-    from tutor.formats import detect_format
+EVERYDAY = "everyday_qa.jsonl"  # in tutor/configs/data/
 
-    expected = [detect_format(r, f"record {i + 1}") for i, r in enumerate(THREE_RECORDS)]
-    if not isinstance(answer, (list, tuple)) or len(answer) != len(expected):
-        raise Hint(f"give a list of {len(expected)} format names, e.g. ['openai', ...]")
-    for i, (got, want) in enumerate(zip(answer, expected, strict=True)):
-        if got != want:
-            if {got, want} == {"sharegpt", "xtuner"}:
-                return wrong(f"record {i + 1}: 'conversations' (plural, from/value turns) is "
-                             "ShareGPT; 'conversation' (input/output pairs) is XTuner")
-            return wrong(f"record {i + 1} has keys {sorted(THREE_RECORDS[i])}: which format "
-                         "has those? (tutor.formats.FORMAT_KEYS)")
-    return right(f"{', '.join(expected)}: all become the same list of messages")
+
+def _long_outliers(k: float) -> list[int]:
+    from tutor.datacheck import quality_pass
+    from tutor.train_config import DATA_DIR
+
+    report = quality_pass(DATA_DIR / EVERYDAY, bundled_tokenizer(), k=k)
+    return sorted(int(where.rsplit(":", 1)[1]) for where, _ in report.long)
+
+
+@exercise("03.1", "measure: the long token-length outliers of everyday_qa.jsonl", given=EVERYDAY)
+def _outliers(answer: Any) -> Verdict:
+    if isinstance(answer, (str, bytes)) or not hasattr(answer, "__iter__"):
+        raise Hint("give a list of line numbers, e.g. [3, 17]")
+    got = sorted(as_int(a, "a line number") for a in answer)
+    expected, far = _long_outliers(1.5), _long_outliers(3.0)
+    if got == expected:
+        return right(f"lines {expected}: above Tukey's fence Q3 + 1.5·IQR of the token lengths; "
+                     "read them — a long record is a question, not an error")
+    if got == far and far != expected:
+        return wrong("that is k = 3 (Tukey's 'far out' fence); the section uses k = 1.5")
+    if got == [n - 1 for n in expected]:
+        return wrong("line numbers count from 1, as the report's FILE:LINE")
+    return wrong("run quality_pass on the file (k=1.5) and take the line numbers of report.long")
 
 
 def _check_lines(lines: list[str]) -> Any:
