@@ -9,7 +9,9 @@
 - `CONFIG_FILE`: the resolved recipe that training writes into every output and checkpoint
   directory; merge, convert and chat read the base model and chat template from it.
 - `atomic_file` / `atomic_write` / `atomic_dir`: write beside the target, then rename, so a
-  reader (or a crash) never sees half a file or half a model directory.
+  reader (or a crash) never sees half a file or half a model directory. The renamed result
+  gets the mode an ordinary write would (`umask_mode`: 644/755 under umask 022), not the
+  600/700 of a temporary, so a teammate or a model server (Ollama) can read it.
 
 Not handled here: anything that needs torch or transformers (those live in the modules of the
 stage that uses them).
@@ -33,6 +35,14 @@ Sample = dict[str, list[int]]  # {"input_ids": [T], "labels": [T]} of equal leng
 CONFIG_FILE = "tutor_config.yaml"
 
 
+def umask_mode(directory: bool = False) -> int:
+    """The mode `open()` / `mkdir()` would give a new file (0o666) or directory (0o777) under
+    the process umask; os.umask can only be read by setting it, so it is set back at once."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path`.
@@ -46,6 +56,7 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, umask_mode())  # mkstemp made it 600
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -63,7 +74,8 @@ def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `out`; on success it replaces `out` by rename.
 
     An existing `out` is refused unless `force`; with `force` it is replaced only
-    after the new directory is complete, so `out` is never half-written.
+    after the new directory is complete, so `out` is never half-written. Only `out` itself
+    is given the umask's mode: what the caller writes inside is created with it already.
     """
     out = Path(out)
     if out.exists() and not force:
@@ -72,6 +84,7 @@ def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         yield tmp
+        os.chmod(tmp, umask_mode(directory=True))  # mkdtemp made it 700
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
