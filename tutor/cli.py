@@ -234,7 +234,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from tutor.launch import write_rank_report
     from tutor.train import train
-
     from tutor.train_config import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")

@@ -39,14 +39,13 @@ LOCK_FILE = ".tutor.lock"
 
 def check_writable(output_dir: str | os.PathLike[str]) -> None:
     """TutorError unless `output_dir` is (or can be created as) a writable directory."""
-    path = Path(output_dir).absolute()
-    if path.exists() and not path.is_dir():
-        raise TutorError(f"output_dir: {path} is a file, not a directory; choose another "
-                         "output_dir")
-    existing = path
+    existing = Path(output_dir).absolute()
     while not existing.exists():  # the nearest ancestor that exists is where mkdir writes
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if not existing.is_dir():
+        raise TutorError(f"output_dir: {existing} is a file, not a directory; choose another "
+                         "output_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise TutorError(f"output_dir: cannot write to {existing} (permission denied); "
                          "choose another output_dir")
 
