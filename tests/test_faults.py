@@ -389,10 +389,12 @@ def test_the_resume_hint_without_a_checkpoint(tmp_path):
 
     from tutor.cli import _resume_hint
 
-    args = argparse.Namespace(config="my recipe.yaml", set=["train.lr=1e-3"])
-    assert _resume_hint(args, str(tmp_path)) == (
-        f"no checkpoint was saved in {tmp_path} yet; start again with: tutor train "
-        "'my recipe.yaml' --set train.lr=1e-3 --overwrite")
+    cfg = recipe(tmp_path, Path("smollm2-135m-instruct"))
+    (tmp_path / "run").mkdir()  # interrupted before its first checkpoint
+    args = argparse.Namespace(config=str(cfg), set=["train.lr=1e-3"])
+    assert _resume_hint(args) == (
+        f"no checkpoint was saved in {tmp_path / 'run'} yet; start again with: tutor train "
+        f"{cfg} --set train.lr=1e-3 --overwrite")
 
 
 def test_lora_target_modules_that_do_not_exist_fail_before_loading(tiny, tmp_path):

@@ -234,15 +234,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from tutor.launch import write_rank_report
     from tutor.train import train
-    from tutor.train_config import load_config
-
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    cfg = load_config(args.config, args.set)
     try:
-        result = train(cfg, resume=args.resume, deepspeed=args.deepspeed,
+        result = train(args.config, args.set, resume=args.resume, deepspeed=args.deepspeed,
                        overwrite=args.overwrite)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: say how to go on
-        raise type(exc)(_resume_hint(args, cfg.output_dir)) from exc
+        raise type(exc)(_resume_hint(args)) from exc
     m, rank = result.metrics, os.environ.get("RANK", "0")
     world = os.environ.get("WORLD_SIZE", "1")
     mean_loss = m.get("train_loss", float("nan"))
@@ -259,12 +256,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resume_hint(args: argparse.Namespace, output_dir: str) -> str:
+def _resume_hint(args: argparse.Namespace) -> str:
     """How to go on after an interrupted `tutor train` (its newest checkpoint, or none)."""
     import shlex
 
     from tutor.train import last_checkpoint
+    from tutor.train_config import load_config
 
+    output_dir = load_config(args.config, args.set).output_dir  # it loaded once already
     again = shlex.join(["tutor", "train", args.config,
                         *[a for kv in args.set for a in ("--set", kv)]])
     if last_checkpoint(output_dir):

@@ -11,7 +11,8 @@
 - `atomic_file` / `atomic_write` / `atomic_dir`: write beside the target, then rename, so a
   reader (or a crash) never sees half a file or half a model directory. The renamed result
   gets the mode an ordinary write would (`umask_mode`: 644/755 under umask 022), not the
-  600/700 of a temporary, so a teammate or a model server (Ollama) can read it.
+  600/700 of a temporary, so a teammate or a model server (Ollama) can read it;
+  `apply_umask` does the same for a directory other libraries wrote (training runs).
 
 Not handled here: anything that needs torch or transformers (those live in the modules of the
 stage that uses them).
@@ -41,6 +42,19 @@ def umask_mode(directory: bool = False) -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return (0o777 if directory else 0o666) & ~mask
+
+
+def apply_umask(root: str | os.PathLike[str]) -> None:
+    """Give `root` and everything under it the umask's modes (`umask_mode`).
+
+    For what other libraries wrote: safetensors 0.8 saves through a temporary file and
+    leaves every ``*.safetensors`` at 600 whatever the umask. Symbolic links are skipped.
+    """
+    root = Path(root)
+    file, folder = umask_mode(), umask_mode(directory=True)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, folder if path.is_dir() else file)
 
 
 @contextmanager
@@ -74,8 +88,8 @@ def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `out`; on success it replaces `out` by rename.
 
     An existing `out` is refused unless `force`; with `force` it is replaced only
-    after the new directory is complete, so `out` is never half-written. Only `out` itself
-    is given the umask's mode: what the caller writes inside is created with it already.
+    after the new directory is complete, so `out` is never half-written. The directory and
+    all it holds get the umask's modes (`apply_umask`) before the rename.
     """
     out = Path(out)
     if out.exists() and not force:
@@ -84,7 +98,7 @@ def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         yield tmp
-        os.chmod(tmp, umask_mode(directory=True))  # mkdtemp made it 700
+        apply_umask(tmp)  # mkdtemp made it 700, safetensors its files 600
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))

@@ -229,19 +229,22 @@ def _read_utf8(path: Path) -> str:
 
 
 def _jsonl(text: str, path: Path, strict: bool) -> Iterator[tuple[str, Any]]:
-    if text.lstrip().startswith("["):  # a JSON array (pretty-printed: spread over lines)
-        raise TutorError(f"{path}:1: this is one JSON array, not JSON Lines (one record per "
-                         f"line); rename it to {path.with_suffix('.json').name}")
+    first = True
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
+            if first and line.lstrip().startswith("["):  # a pretty-printed JSON array
+                raise TutorError(f"{path}:{n}: this is one JSON array, not JSON Lines (one "
+                                 "record per line); rename it to "
+                                 f"{path.with_suffix('.json').name}") from exc
             error = TutorError(f"{path}:{n}: invalid JSON: {exc.msg} (column {exc.colno})")
             if strict:
                 raise error from exc
             record = error
+        first = False
         yield f"{path}:{n}", record
 
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tutor.common import CONFIG_FILE
+from tutor.common import CONFIG_FILE, apply_umask
 from tutor.errors import TutorError, warn
 from tutor.train_config import (
     TrainConfig,
@@ -513,6 +513,7 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed: str | None,
     trainer.save_model(cfg.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(cfg.output_dir)
+        apply_umask(cfg.output_dir)  # safetensors leaves the adapter at 600
     held = {"optimizer_bytes": optimizer_held_bytes(trainer.optimizer, model)}  # this rank's
     return TrainResult(
         Path(cfg.output_dir), trainer.state.global_step,
