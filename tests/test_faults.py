@@ -333,8 +333,8 @@ def test_a_finished_runs_output_dir_is_refused_then_overwritten(tiny, tmp_path, 
     assert (run / "checkpoint-4").is_dir() and not (run / ".tutor.lock").exists()
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     one_line_error(tutor("train", str(cfg)), f"output_dir: {run} already holds files "
-                   "(adapter_config.json, adapter_model.safetensors, checkpoint-2, "
-                   "checkpoint-4, ...); pass --resume to continue that run, --overwrite to "
+                   "(README.md, adapter_config.json, adapter_model.safetensors, "
+                   "chat_template.jinja, ...); pass --resume to continue that run, --overwrite to "
                    "replace it, or choose another output_dir")
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # nothing written
 
@@ -342,7 +342,8 @@ def test_a_finished_runs_output_dir_is_refused_then_overwritten(tiny, tmp_path, 
     assert out.returncode == 0, out.stderr[-3000:]
     assert listing(run) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
                             "chat_template.jinja", "checkpoint-2", "loss.png", "metrics.jsonl",
-                            "tokenizer.json", "tokenizer_config.json", "tutor_config.yaml"]
+                            "tokenizer.json", "tokenizer_config.json", "training_args.bin",
+                            "tutor_config.yaml"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if "loss" in row] == [1, 2]  # the old run's are gone
     assert [row["step"] for row in rows if "train_runtime" in row] == [2]  # one end-of-run
@@ -373,7 +374,8 @@ def test_two_runs_at_once_then_sigterm_says_how_to_resume(tiny, tmp_path):
                 "output_dir")
         one_line_error(tutor("train", str(cfg)), busy)
         one_line_error(tutor("train", str(cfg), "--overwrite"), busy)
-        assert (run / "checkpoint-2").is_dir()  # the live run was not deleted
+        first_row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+        assert first_row["step"] == 1 and lock.read_text().split()[0] == str(first.pid)
         first.send_signal(signal.SIGTERM)
         _, err = first.communicate(timeout=120)
     finally:
@@ -519,6 +521,10 @@ def test_chat_refuses_a_truncated_or_fake_gguf_naming_the_file(tiny_gguf, tmp_pa
     ]:
         one_line_error(tutor("chat", str(path), "--backend", backend, "--prompt", "hi"),
                        f"{path}: {problem}")
+    if backend == "llama.cpp":  # eval opens a GGUF as chat's auto backend does
+        one_line_error(tutor("eval", str(fake), "data/assistant_heldout.jsonl"),
+                       f"{fake}: not a GGUF file (it starts with b'hell', not b'GGUF'); pass a "
+                       "file written by `tutor export` or llama.cpp")
     assert listing(tmp_path) == ["cut.gguf", "head.gguf", "notes.gguf"]
 
 

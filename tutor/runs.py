@@ -18,9 +18,9 @@ So `claim_output_dir`:
   the CLI turns SIGTERM into the same exception as Ctrl-C), and an output_dir it created
   for a run that failed before writing anything.
 
-Not handled: locks on network file systems where ``O_EXCL`` is not atomic, and a lock from
-another host (its pid cannot be checked, so it is treated as live: delete the file by hand
-once that run is gone).
+Not handled: locks on network file systems where ``O_EXCL`` is not atomic, a lock from
+another host (its pid cannot be checked, so it is treated as live), and a stale lock whose pid
+a new process has taken since: both are refused; delete the file by hand once that run is gone.
 """
 
 from __future__ import annotations
