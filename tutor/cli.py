@@ -234,6 +234,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from tutor.launch import write_rank_report
     from tutor.train import train
+
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         result = train(args.config, args.set, resume=args.resume, deepspeed=args.deepspeed,
@@ -263,7 +264,7 @@ def _resume_hint(args: argparse.Namespace) -> str:
     from tutor.train import last_checkpoint
     from tutor.train_config import load_config
 
-    output_dir = load_config(args.config, args.set).output_dir  # it loaded once already
+    output_dir = load_config(args.config, args.set).output_dir  # train() read it already
     again = shlex.join(["tutor", "train", args.config,
                         *[a for kv in args.set for a in ("--set", kv)]])
     if last_checkpoint(output_dir):
