@@ -165,7 +165,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
 
     cfg = config_from_dict(recipe(args, model_dir, data, work / f"{name}-run"))
     start = time.perf_counter()
-    result = train(cfg, callbacks=[PeakMemory()])
+    result = train(cfg, callbacks=[PeakMemory()], overwrite=True)  # --workdir is reused
     torch.cuda.synchronize()
     est = estimate(arch, setup_for(args))
     paged = result.metrics["optimizer_bytes"] if "paged" in args.optim else 0

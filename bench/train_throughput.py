@@ -256,8 +256,9 @@ def one(name: str, steps: int) -> dict:
     import tempfile
 
     logging.disable(logging.WARNING)
-    out = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
-    train_file = write_jsonl(conversations(), out / "train.jsonl")
+    out = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))  # the run's own: tutor refuses
+    data = Path(tempfile.mkdtemp(prefix=f"bench-{name}-data-"))  # a non-empty output_dir
+    train_file = write_jsonl(conversations(), data / "train.jsonl")
     run = {"tutor": run_tutor, "trainer_padding": run_padding}.get(name)
     if run is None:
         wall, trained, all_tokens, loss, loss_on = run_trl(name, steps, out, train_file)

@@ -300,3 +300,304 @@ def test_safetensors_checks_name_each_kind_of_damage(tmp_path):
     with pytest.raises(TutorError, match=re.escape(
             f"{ckpt / 'optimizer.pt'}: damaged (not a complete torch archive)")):
         check_resumable(ckpt)
+
+
+# ---------------------------------------------------------------- run directories
+
+
+@pytest.fixture
+def umask022():
+    """Files tutor writes must get the umask's mode (644/755 here), not a temp's 600/700."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_base(tmp_path_factory.mktemp("tiny") / "base")
+
+
+def modes(folder: Path) -> dict[str, str]:
+    """{relative path: octal permission bits} of `folder` and everything under it."""
+    return {str(p.relative_to(folder)): oct(p.stat().st_mode & 0o777)
+            for p in [folder, *folder.rglob("*")]}
+
+
+@pytest.mark.slow
+def test_a_finished_runs_output_dir_is_refused_then_overwritten(tiny, tmp_path, umask022):
+    cfg = recipe(tmp_path, tiny)
+    run = tmp_path / "run"
+    assert tutor("train", str(cfg)).returncode == 0
+    assert {m for name, m in modes(run).items()} == {"0o644", "0o755"}, modes(run)
+    assert (run / "checkpoint-4").is_dir() and not (run / ".tutor.lock").exists()
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    one_line_error(tutor("train", str(cfg)), f"output_dir: {run} already holds files "
+                   "(README.md, adapter_config.json, adapter_model.safetensors, "
+                   "chat_template.jinja, ...); pass --resume to continue that run, --overwrite to "
+                   "replace it, or choose another output_dir")
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # nothing written
+
+    out = tutor("train", str(cfg), "--set", "train.max_steps=2", "--overwrite")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert listing(run) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                            "chat_template.jinja", "checkpoint-2", "loss.png", "metrics.jsonl",
+                            "tokenizer.json", "tokenizer_config.json", "training_args.bin",
+                            "tutor_config.yaml"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2]  # the old run's are gone
+    assert [row["step"] for row in rows if "train_runtime" in row] == [2]  # one end-of-run
+    assert yaml.safe_load((run / "tutor_config.yaml").read_text())["train"]["max_steps"] == 2
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_then_sigterm_says_how_to_resume(tiny, tmp_path):
+    """The second run is refused while the first holds the lock (even with --overwrite);
+    SIGTERM then ends the first as Ctrl-C does, with the command that resumes it."""
+    import signal
+    import socket
+    import time
+
+    cfg = recipe(tmp_path, tiny, save={"steps": 2, "total_limit": 2})
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "tutor", "train", str(cfg), "--set",
+                              "train.max_steps=100000"], env=ENV, cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoint-2").is_dir():  # training, and a checkpoint to resume
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+            time.sleep(0.2)
+        lock = run / ".tutor.lock"
+        busy = (f"output_dir: {run} is in use by another run (pid {first.pid} on "
+                f"{socket.gethostname()}, lock {lock}); wait for it to end, or choose another "
+                "output_dir")
+        one_line_error(tutor("train", str(cfg)), busy)
+        one_line_error(tutor("train", str(cfg), "--overwrite"), busy)
+        first_row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+        assert first_row["step"] == 1 and lock.read_text().split()[0] == str(first.pid)
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 143, err[-3000:]
+    assert err.endswith(f"\ntutor: interrupted; continue with: tutor train {cfg} --set "
+                        "train.max_steps=100000 --resume\n"), err[-3000:]
+    assert "Traceback" not in err and not lock.exists()
+
+
+def test_the_resume_hint_without_a_checkpoint(tmp_path):
+    import argparse
+
+    from tutor.cli import _resume_hint
+
+    cfg = recipe(tmp_path, Path("smollm2-135m-instruct"))
+    (tmp_path / "run").mkdir()  # interrupted before its first checkpoint
+    args = argparse.Namespace(config=str(cfg), set=["train.lr=1e-3"])
+    assert _resume_hint(args) == (
+        f"no checkpoint was saved in {tmp_path / 'run'} yet; start again with: tutor train "
+        f"{cfg} --set train.lr=1e-3 --overwrite")
+
+
+def test_lora_target_modules_that_do_not_exist_fail_before_loading(tiny, tmp_path):
+    cfg = recipe(tmp_path, tiny, lora={"r": 4, "alpha": 8,
+                                       "target_modules": ["q_proj", "nonexistent_proj"]})
+    one_line_error(tutor("train", str(cfg)), (
+        f"lora.target_modules: no module of {tiny} is named nonexistent_proj; its Linear "
+        "layers are down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj "
+        "(or use all-linear)"))
+    assert listing(tmp_path) == ["recipe.yaml"]
+
+
+def test_an_unwritable_output_dir_fails_before_the_model_or_data_load(tmp_path, monkeypatch,
+                                                                      capsys):
+    import tutor.models
+    from tutor.cli import main
+
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    real = os.access  # root passes every permission check: answer as for a user
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != readonly and real(p, mode))
+    monkeypatch.setattr(tutor.models, "load_tokenizer", lambda *a: pytest.fail("loaded"))
+    cfg = recipe(tmp_path, Path("smollm2-135m-instruct"), output_dir=str(readonly / "run"))
+    assert main(["train", str(cfg)]) == 2
+    assert capsys.readouterr().err == (f"tutor: error: output_dir: cannot write to {readonly} "
+                                       "(permission denied); choose another output_dir\n")
+
+
+def test_a_mistyped_recipe_key_gets_a_suggestion(tmp_path):
+    cfg = recipe(tmp_path, Path("smollm2-135m-instruct"))
+    out = tutor("train", str(cfg), "--set", "train.lerning_rate=1e-3")
+    assert out.returncode == 2 and out.stderr.startswith(
+        "tutor: error: --set train.lerning_rate=1e-3: train.lerning_rate: unknown key; did you "
+        "mean train.lr? (known: epochs, max_steps, "), out.stderr
+    assert listing(tmp_path) == ["recipe.yaml"]
+
+
+# ---------------------------------------------------------------- file modes
+
+
+@pytest.mark.parametrize(("umask", "file", "folder"), [(0o022, 0o644, 0o755),
+                                                        (0o027, 0o640, 0o750)])
+def test_atomic_writes_honour_the_umask(tmp_path, umask, file, folder):
+    from tutor.cli import main
+    from tutor.common import atomic_dir, atomic_write
+
+    old = os.umask(umask)
+    try:
+        text = atomic_write(tmp_path / "a.yaml", "x: 1\n")
+        with atomic_dir(tmp_path / "merged") as tmp:
+            (tmp / "config.json").write_text("{}")
+        assert main(["data", "convert", str(ROOT / "tutor/configs/data/raw_qa.csv"),
+                     str(tmp_path / "qa.jsonl")]) == 0
+    finally:
+        os.umask(old)
+    assert [oct(p.stat().st_mode & 0o777) for p in (text, tmp_path / "qa.jsonl")] == \
+        [oct(file)] * 2
+    assert modes(tmp_path / "merged") == {".": oct(folder), "config.json": oct(file)}
+
+
+@pytest.mark.slow
+def test_adapter_and_merged_dirs_get_the_umasks_modes(made, tmp_path, umask022):
+    base, checkpoint, _ = made
+    adapter = convert_checkpoint(checkpoint, tmp_path / "adapter")
+    out = tutor("merge", str(base), str(adapter), str(tmp_path / "merged"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    for folder in (adapter, tmp_path / "merged"):
+        assert set(modes(folder).values()) == {"0o644", "0o755"}, modes(folder)
+        assert modes(folder)["."] == "0o755"
+
+
+# ---------------------------------------------------------------- GGUF files
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """A tiny random Llama exported to f16 GGUF (tests/test_export.py's helpers), + Modelfile,
+    written under umask 022."""
+    from test_export import tiny_llama
+
+    from tutor.export import export_model
+    from tutor.modelfile import write_modelfile
+    from tutor.templates import get_template
+
+    root = tmp_path_factory.mktemp("gguf")
+    model, tok = tiny_llama(root / "src")
+    old = os.umask(0o022)
+    try:
+        out = root / "tiny.gguf"
+        export_model(model, tok, root / "src", out, "f16", ("<|im_end|>",))
+        write_modelfile(out, get_template("chatml"))
+    finally:
+        os.umask(old)
+    return out
+
+
+def test_exported_gguf_and_modelfile_are_readable_by_others(tiny_gguf):
+    assert [oct(p.stat().st_mode & 0o777) for p in (tiny_gguf, tiny_gguf.parent / "Modelfile")
+            ] == ["0o644", "0o644"]
+
+
+@pytest.mark.parametrize("backend", ["transformers", "llama.cpp"])
+def test_chat_refuses_a_truncated_or_fake_gguf_naming_the_file(tiny_gguf, tmp_path, backend):
+    from tutor.gguf_check import check_gguf
+
+    check_gguf(tiny_gguf)  # the whole file passes
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_gguf.read_bytes())
+    _, size = truncate(cut)
+    fake = tmp_path / "notes.gguf"
+    fake.write_text("hello, this is text\n")
+    head = tmp_path / "head.gguf"
+    head.write_bytes(tiny_gguf.read_bytes()[:200])
+    for path, problem in [
+        (cut, f"damaged GGUF file (its tensor table and data do not fit in its {size} "
+              "bytes): truncated? export or copy it again"),
+        (head, "damaged GGUF file (its tensor table and data do not fit in its 200 bytes): "
+               "truncated? export or copy it again"),
+        (fake, "not a GGUF file (it starts with b'hell', not b'GGUF'); pass a file written "
+               "by `tutor export` or llama.cpp"),
+    ]:
+        one_line_error(tutor("chat", str(path), "--backend", backend, "--prompt", "hi"),
+                       f"{path}: {problem}")
+    if backend == "llama.cpp":  # eval opens a GGUF as chat's auto backend does
+        one_line_error(tutor("eval", str(fake), "data/assistant_heldout.jsonl"),
+                       f"{fake}: not a GGUF file (it starts with b'hell', not b'GGUF'); pass a "
+                       "file written by `tutor export` or llama.cpp")
+    assert listing(tmp_path) == ["cut.gguf", "head.gguf", "notes.gguf"]
+
+
+def test_export_of_an_adapter_dir_says_to_pass_the_base_and_adapter(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": "smollm2-135m-instruct", "r": 8}))
+    one_line_error(tutor("export", str(adapter), str(tmp_path / "out.gguf")),
+                   f"{adapter} is a LoRA adapter, not a full model; pass its base model and "
+                   f"the adapter: tutor export smollm2-135m-instruct OUT.gguf --adapter "
+                   f"{adapter}")
+    assert listing(tmp_path) == ["adapter"]
+
+
+# ---------------------------------------------------------------- more data files
+
+
+def convert(tmp_path: Path, src: Path) -> subprocess.CompletedProcess[str]:
+    return tutor("data", "convert", str(src), str(tmp_path / "out.jsonl"))
+
+
+def test_a_200_kb_csv_cell_is_read_and_unused_columns_are_named(tmp_path):
+    answer = "A long answer. " * 13_500  # 202,500 characters: past csv's 131,072 default
+    src = tmp_path / "long.csv"
+    src.write_text(f"id,question,answer,source\n7,Why?,\"{answer}\",wiki\n")
+    out = convert(tmp_path, src)
+    assert (out.returncode, out.stderr) == (0, f"tutor: warning: {src}: columns id, source not "
+                                               "used by the 'qa' format (it reads question, "
+                                               "answer)\n")
+    (row,) = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert row["messages"] == [{"role": "user", "content": "Why?"},
+                               {"role": "assistant", "content": answer}]
+    import csv
+
+    assert csv.field_size_limit() == 131_072  # raised only while reading
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le"])  # with and without a BOM
+def test_a_utf16_file_is_named_with_the_fix(tmp_path, encoding):
+    src = tmp_path / "excel.csv"
+    src.write_text(AS_TEXT[".csv"], encoding=encoding)
+    what = "UTF-16" if encoding == "utf-16" else ("UTF-16 or UTF-32 (NUL bytes between the "
+                                                  "characters)")
+    one_line_error(convert(tmp_path, src), f"{src}: the file is {what} text; tutor reads "
+                   "UTF-8: save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8 excel.csv > "
+                   "excel.utf8.csv)")
+    assert listing(tmp_path) == ["excel.csv"]
+
+
+def test_a_json_array_saved_as_jsonl_is_told_to_rename(tmp_path):
+    src = tmp_path / "qa.jsonl"
+    src.write_text(AS_TEXT[".json"])  # pretty-printed: "[" alone on line 1
+    one_line_error(convert(tmp_path, src), f"{src}:1: this is one JSON array, not JSON Lines "
+                   "(one record per line); rename it to qa.json")
+    assert listing(tmp_path) == ["qa.jsonl"]
+
+
+def test_openai_content_parts_are_joined_and_images_refused(tmp_path):
+    def record(parts):
+        return json.dumps({"messages": [{"role": "user", "content": parts},
+                                        {"role": "assistant", "content": "Paris."}]}) + "\n"
+
+    src = tmp_path / "parts.jsonl"
+    src.write_text(record([{"type": "text", "text": "Capital of France?"},
+                           {"type": "text", "text": "One word."}]))
+    assert convert(tmp_path, src).returncode == 0
+    row = json.loads((tmp_path / "out.jsonl").read_text())
+    assert row["messages"][0] == {"role": "user", "content": "Capital of France?\nOne word."}
+    src.write_text(src.read_text() + record(
+        [{"type": "text", "text": "What is this?"},
+         {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]))
+    one_line_error(tutor("data", "convert", str(src), str(tmp_path / "again.jsonl")),
+                   f"{src}:2: message 0: content part 1 is of type 'image_url'; the openai "
+                   "format is trained on text parts only (type 'text')")
+    assert listing(tmp_path) == ["out.jsonl", "parts.jsonl"]

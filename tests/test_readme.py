@@ -130,6 +130,9 @@ def check_tutor(args: list[str], world: World) -> None:
         cfg = load_config(source if source in list_recipes() else world.cwd / source, ns.set)
         if cmd == "train" and ns.deepspeed:
             deepspeed_json(ns.deepspeed)
+        need(cmd == "demo" or ns.resume or ns.overwrite or cfg.output_dir not in world.produced,
+             f"output_dir {cfg.output_dir} holds an earlier run: tutor refuses it without "
+             "--resume or --overwrite")
         world.produced.add(ns.out if cmd == "demo" else cfg.output_dir)
     elif cmd == "convert":
         need(world.path_ok(ns.checkpoint), f"no checkpoint {ns.checkpoint}")

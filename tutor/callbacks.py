@@ -24,7 +24,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from tutor.common import CONFIG_FILE, atomic_file, atomic_write
+from tutor.common import CONFIG_FILE, apply_umask, atomic_file, atomic_write
 from tutor.train_config import TrainConfig, resolve_data_path, save_config
 from tutor.validation import keep_4bit_trainable
 
@@ -229,6 +229,7 @@ class MetricsCallback(TrainerCallback):
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
                 save_config(self.cfg, ckpt / CONFIG_FILE)
+                apply_umask(ckpt)  # safetensors writes 600: readable by the owner alone
             plot_loss(state.log_history, Path(args.output_dir) / LOSS_PLOT)
 
     def on_evaluate(self, args, state, control, **kw):

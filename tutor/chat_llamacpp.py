@@ -38,13 +38,13 @@ def available() -> bool:
 
 def open_llama(path: str | Path, n_ctx: int = 4096, threads: int | None = None) -> Any:
     """A `llama_cpp.Llama` for GGUF `path` (CPU, quiet)."""
+    from tutor.gguf_check import check_gguf
+
+    check_gguf(path)  # llama.cpp's own failure names no file and no cause
     if not available():
         raise TutorError(f"chatting through llama.cpp needs llama-cpp-python: {INSTALL}")
     from llama_cpp import Llama
 
-    path = Path(path)
-    if not path.is_file():
-        raise TutorError(f"no GGUF file at {path}")
     return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads or os.cpu_count(),
                  verbose=False)
 

@@ -236,7 +236,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tutor.train import train
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    result = train(args.config, args.set, resume=args.resume, deepspeed=args.deepspeed)
+    try:
+        result = train(args.config, args.set, resume=args.resume, deepspeed=args.deepspeed,
+                       overwrite=args.overwrite)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: say how to go on
+        raise type(exc)(_resume_hint(args)) from exc
     m, rank = result.metrics, os.environ.get("RANK", "0")
     world = os.environ.get("WORLD_SIZE", "1")
     mean_loss = m.get("train_loss", float("nan"))
@@ -251,6 +255,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     write_rank_report(steps, mean_loss, m["optimizer_bytes"])  # for tutor.launch
     return 0
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """How to go on after an interrupted `tutor train` (its newest checkpoint, or none)."""
+    import shlex
+
+    from tutor.train import last_checkpoint
+    from tutor.train_config import load_config
+
+    output_dir = load_config(args.config, args.set).output_dir  # train() read it already
+    again = shlex.join(["tutor", "train", args.config,
+                        *[a for kv in args.set for a in ("--set", kv)]])
+    if last_checkpoint(output_dir):
+        return f"continue with: {again} --resume"
+    return f"no checkpoint was saved in {output_dir} yet; start again with: {again} --overwrite"
 
 
 def _cmd_list_cfg(args: argparse.Namespace) -> int:
@@ -277,6 +296,8 @@ def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_steps=20 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete the previous run in "
+                   "output_dir first (a non-empty output_dir is refused otherwise)")
     p.add_argument("--deepspeed", default=None, metavar="NAME|JSON",
                    help="zero1, zero2, zero3, zero2_offload, zero3_offload or a JSON file "
                    "(launch with torchrun --nproc_per_node N -m tutor train ...)")
@@ -418,7 +439,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler or `kill`), raised like Ctrl-C so that the same cleanup runs
+    (the run's lock is removed, temporary files deleted) and the same line is printed."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signals: main only
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # a caller's own handler (tests call main)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler | None = getattr(args, "handler", None)
@@ -431,9 +474,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Bad input is reported in one line; tracebacks are for bugs.
         print(f"tutor: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ntutor: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (see `_terminated`)
+        hint = f"; {exc}" if str(exc) else ""
+        print(f"\ntutor: interrupted{hint}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     except BrokenPipeError:
         # `tutor data check FILE | head` closed our stdout early: not an error of ours.
         # Point stdout at devnull so the interpreter's final flush does not raise again.

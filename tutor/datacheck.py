@@ -6,7 +6,8 @@ and collects every problem with its ``file:line``:
 - errors (exit code 1): unreadable lines, records that do not fit the format, a
   conversation the template rejects, a sample with no trainable token left after
   truncation to ``max_length``;
-- warnings: empty assistant answers, duplicate conversations, truncated samples, and
+- warnings: CSV columns the format does not read, empty assistant answers, duplicate
+  conversations, truncated samples, and
   tokens that BPE merged across the answer boundary (TRL's "the prompt must be a prefix
   of prompt + answer" check: such a token is trained, but the prompt at inference ends
   differently than in training — usually an answer that starts with a newline, or a
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from tutor.data import IGNORE_INDEX, encode_sample
 from tutor.errors import TutorError
-from tutor.formats import detect_format, read_records, to_messages
+from tutor.formats import detect_format, read_records, to_messages, unused_columns
 from tutor.templates import ChatTemplate, get_template
 from tutor.viz import text_histogram
 
@@ -101,6 +102,8 @@ def check_file(
                 raise record
             if report.format is None:
                 report.format = detect_format(record, where)
+                if unused := unused_columns(path, record, report.format):
+                    report.problems.append(Problem(str(path), "warning", unused))
             messages = to_messages(record, report.format, where)
         except TutorError as exc:
             report.problems.append(Problem(where, "error", _strip_where(str(exc), where)))

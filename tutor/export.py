@@ -256,6 +256,7 @@ def export_gguf(
     out = Path(out)
     if kind not in TYPES:
         raise TutorError(f"--type must be one of {', '.join(TYPES)}, not '{kind}'")
+    _refuse_adapter_as_model(model)
     with tempfile.TemporaryDirectory(prefix=".tutor-export-", dir=out.parent if
                                      out.parent.exists() else None) as work:
         if adapter is not None:
@@ -267,6 +268,17 @@ def export_gguf(
             model = str(merged)
         return _export_loaded(model, out, kind, ollama, verify,
                               pick_template(model, None, template))
+
+
+def _refuse_adapter_as_model(model: str) -> None:
+    """MODEL must be a full model; a LoRA adapter dir is told to go through --adapter."""
+    folder = Path(model)
+    if not (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
+        return
+    base = json.loads((folder / "adapter_config.json").read_text()).get(
+        "base_model_name_or_path") or "BASE"
+    raise TutorError(f"{folder} is a LoRA adapter, not a full model; pass its base model "
+                     f"and the adapter: tutor export {base} OUT.gguf --adapter {folder}")
 
 
 def _export_loaded(model: str, out: Path, kind: str, ollama: bool, verify: bool,

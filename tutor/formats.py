@@ -20,12 +20,17 @@ The last row is incremental pretraining: plain text as a lone assistant message,
 `tutor.data.encode` trains in full with no template around it (an xtuner turn with an
 empty input and no system becomes the same thing, as in XTuner's pretrain map).
 
+An openai message's content may also be a list of text parts (joined by newlines). A CSV
+column the format does not read is named in one warning.
+
 Not handled: nested formats inside CSV cells (a CSV holds flat columns only), tool or
-function-call messages, images, and files that do not fit in memory.
+function-call messages, images (an image_url part is refused), text that is not UTF-8
+(UTF-16 is recognised and named), and files that do not fit in memory.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 from collections.abc import Iterator, Mapping
@@ -33,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from tutor.common import Message
-from tutor.errors import TutorError
+from tutor.errors import TutorError, warn
 from tutor.templates import check_messages
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant",
@@ -49,6 +54,11 @@ FORMAT_KEYS: dict[str, tuple[str, ...]] = {
 }
 FORMATS = tuple(FORMAT_KEYS)
 SUFFIXES = (".jsonl", ".json", ".csv")
+# Keys a format reads besides FORMAT_KEYS; any other CSV column is dropped (`unused_columns`).
+OPTIONAL_KEYS: dict[str, tuple[str, ...]] = {"alpaca": ("input", "system"), "qa": ("system",),
+                                             "sharegpt": ("system",)}
+UTF_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                 (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
 
 
 def detect_format(record: Mapping[str, Any], where: str) -> str:
@@ -69,6 +79,23 @@ def _text(record: Mapping[str, Any], key: str, where: str, required: bool = True
         got = "missing" if value is None else type(value).__name__
         raise TutorError(f"{where}: '{key}' must be a string ({got})")
     return value
+
+
+def _openai_content(message: Mapping[str, Any], where: str) -> str:
+    """An OpenAI message's content: a string, or a list of text parts
+    (``[{"type": "text", "text": ...}, ...]``) joined by newlines (as vLLM's
+    OpenAI-compatible server joins them). Other parts (image_url, input_audio) are refused."""
+    parts = message.get("content")
+    if not isinstance(parts, list):
+        return _text(message, "content", where)
+    texts = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+        if kind != "text":
+            raise TutorError(f"{where}: content part {j} is of type '{kind}'; the openai "
+                             "format is trained on text parts only (type 'text')")
+        texts.append(_text(part, "text", f"{where}: content part {j}"))
+    return "\n".join(texts)
 
 
 def _list(record: Mapping[str, Any], key: str, where: str) -> list[Any]:
@@ -105,7 +132,7 @@ def to_messages(record: Mapping[str, Any], fmt: str, where: str) -> list[Message
         for i, m in enumerate(_list(record, "messages", where)):
             m = _turn(m, ("role", "content"), f"{where}: message {i}")
             messages.append({"role": _text(m, "role", f"{where}: message {i}"),
-                             "content": _text(m, "content", f"{where}: message {i}")})
+                             "content": _openai_content(m, f"{where}: message {i}")})
     elif fmt == "sharegpt":
         messages = _system(record, where)
         for i, t in enumerate(_list(record, "conversations", where)):
@@ -175,10 +202,7 @@ def read_records(path: str | Path, strict: bool = True) -> Iterator[tuple[str, A
                          f"use {', '.join(SUFFIXES)}")
     if not path.is_file():
         raise TutorError(f"{path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: drops a leading BOM
-    except UnicodeDecodeError as exc:
-        raise TutorError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    text = _read_utf8(path)
     if path.suffix == ".jsonl":
         yield from _jsonl(text, path, strict)
     elif path.suffix == ".json":
@@ -187,17 +211,40 @@ def read_records(path: str | Path, strict: bool = True) -> Iterator[tuple[str, A
         yield from _csv(text, path, strict)
 
 
+def _read_utf8(path: Path) -> str:
+    """The file's text; UTF-16/32 (Windows "Unicode" text, Excel's "Unicode Text") is named
+    as such with the fix, since every line of it would otherwise fail to parse."""
+    raw = path.read_bytes()
+    wide = next((name for bom, name in UTF_WIDE_BOMS if raw.startswith(bom)), None)
+    if wide is None and b"\0" in raw[:4096]:  # ASCII in UTF-16 without a byte-order mark
+        wide = "UTF-16 or UTF-32 (NUL bytes between the characters)"
+    if wide is not None:
+        raise TutorError(f"{path}: the file is {wide} text; tutor reads UTF-8: save it as "
+                         f"UTF-8 (e.g. iconv -f UTF-16 -t UTF-8 {path.name} > "
+                         f"{path.stem}.utf8{path.suffix})")
+    try:
+        return raw.decode("utf-8-sig")  # -sig: drops a leading BOM
+    except UnicodeDecodeError as exc:
+        raise TutorError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
 def _jsonl(text: str, path: Path, strict: bool) -> Iterator[tuple[str, Any]]:
+    first = True
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
+            if first and line.lstrip().startswith("["):  # a pretty-printed JSON array
+                raise TutorError(f"{path}:{n}: this is one JSON array, not JSON Lines (one "
+                                 "record per line); rename it to "
+                                 f"{path.with_suffix('.json').name}") from exc
             error = TutorError(f"{path}:{n}: invalid JSON: {exc.msg} (column {exc.colno})")
             if strict:
                 raise error from exc
             record = error
+        first = False
         yield f"{path}:{n}", record
 
 
@@ -231,18 +278,27 @@ def _json_array(text: str, path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _csv(text: str, path: Path, strict: bool) -> Iterator[tuple[str, Any]]:
-    reader = csv.DictReader(text.splitlines(keepends=True))
-    if not reader.fieldnames:
-        raise TutorError(f"{path}:1: empty CSV; expected a header row such as question,answer")
-    start = 2  # the header is line 1
-    for row in reader:
-        if None in row or None in row.values():
-            row = TutorError(f"{path}:{start}: expected {len(reader.fieldnames)} columns "
-                             f"({','.join(reader.fieldnames)}), got a different number")
-            if strict:
-                raise row
-        yield f"{path}:{start}", row
-        start = reader.line_num + 1
+    """CSV rows as dicts. csv's field size limit (131,072 characters by default) is raised to
+    the file's length while reading: a long answer is a cell, not an error."""
+    limit = csv.field_size_limit(max(csv.field_size_limit(), len(text)))
+    try:
+        reader = csv.DictReader(text.splitlines(keepends=True))
+        if not reader.fieldnames:
+            raise TutorError(f"{path}:1: empty CSV; expected a header row such as "
+                             "question,answer")
+        start = 2  # the header is line 1
+        for row in reader:
+            if None in row or None in row.values():
+                row = TutorError(f"{path}:{start}: expected {len(reader.fieldnames)} columns "
+                                 f"({','.join(reader.fieldnames)}), got a different number")
+                if strict:
+                    raise row
+            yield f"{path}:{start}", row
+            start = reader.line_num + 1
+    except csv.Error as exc:  # e.g. a stray quote
+        raise TutorError(f"{path}:{reader.line_num}: invalid CSV: {exc}") from exc
+    finally:
+        csv.field_size_limit(limit)
 
 
 def iter_conversations(source: Any, format: str = "auto") -> Iterator[tuple[str, list[Message]]]:
@@ -262,10 +318,25 @@ def iter_conversations(source: Any, format: str = "auto") -> Iterator[tuple[str,
             raise TutorError(f"{where}: expected a JSON object, got {type(record).__name__}")
         if fmt is None:
             fmt = detect_format(record, where)
+            if unused := unused_columns(source, record, fmt):
+                warn(f"{source}: {unused}")
         yield where, to_messages(record, fmt, where)
     if empty:
         name = source if isinstance(source, (str, Path)) else "the dataset"
         raise TutorError(f"{name}: no records")
+
+
+def unused_columns(source: Any, record: Mapping[str, Any], fmt: str) -> str | None:
+    """For a CSV `source`: the columns of `record` that format `fmt` does not read, said in
+    one sentence (None when every column is used, or for other sources)."""
+    if not (isinstance(source, (str, Path)) and Path(source).suffix == ".csv"):
+        return None
+    used = {*FORMAT_KEYS[fmt], *OPTIONAL_KEYS.get(fmt, ())}
+    dropped = [name for name in record if name not in used]
+    if not dropped:
+        return None
+    return (f"column{'s' * (len(dropped) > 1)} {', '.join(dropped)} not used by the '{fmt}' "
+            f"format (it reads {', '.join(k for k in record if k in used)})")
 
 
 def _records(source: Any) -> Iterator[tuple[str, Any]]:

@@ -86,16 +86,52 @@ def probe_prompts(template: Any) -> list[str]:
             for q in QUESTIONS] + [PLAIN_TEXT]
 
 
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)  # what gguf-py, transformers and llama.cpp read
+
+
+def check_gguf(path: str | Path) -> None:
+    """One line naming `path` unless it is a whole GGUF file, checked before transformers or
+    llama.cpp read it (they fail with a traceback or a temp path): the magic and version,
+    a tensor table gguf-py can parse, and the last tensor's data ending inside the file.
+
+    Not checked: the tensor values themselves (a file damaged in place but whole in size).
+    """
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise TutorError(f"no GGUF file at {path}")
+    with path.open("rb") as f:
+        head = f.read(8)
+    if head[:4] != GGUF_MAGIC:
+        raise TutorError(f"{path}: not a GGUF file (it starts with {head[:4]!r}, not "
+                         f"{GGUF_MAGIC!r}); pass a file written by `tutor export` or llama.cpp")
+    version, size = int.from_bytes(head[4:8], "little"), path.stat().st_size
+    if version not in GGUF_VERSIONS:
+        raise TutorError(f"{path}: GGUF version {version} is not one of "
+                         f"{', '.join(map(str, GGUF_VERSIONS))}")
+    damaged = f"{path}: damaged GGUF file"
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OSError) as exc:  # numpy's reshape/bounds
+        raise TutorError(f"{damaged} (its tensor table and data do not fit in its {size} "
+                         "bytes): truncated? export or copy it again") from exc
+    end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise TutorError(f"{damaged} (its tensors end at byte {end}, the file has {size}): "
+                         "truncated; export or copy it again")
+
+
 @contextlib.contextmanager
 def _alone(path: Path) -> Iterator[Path]:
-    """A temp directory holding only a link to GGUF `path`.
+    """A temp directory holding only a link to GGUF `path` (checked by `check_gguf`).
 
     transformers reads a tokenizer_config.json or config.json lying beside the GGUF (an
     export written into a model directory) and then loses the file's own special tokens
     and chat template; alone in a directory, the GGUF is all it reads.
     """
-    if not path.is_file():
-        raise TutorError(f"no GGUF file at {path}")
+    check_gguf(path)
     with tempfile.TemporaryDirectory(prefix=".tutor-gguf-") as tmp:
         link = Path(tmp) / path.name
         os.symlink(path.resolve(), link)

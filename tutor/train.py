@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tutor.common import CONFIG_FILE
+from tutor.common import CONFIG_FILE, apply_umask
 from tutor.errors import TutorError, warn
 from tutor.train_config import (
     TrainConfig,
@@ -128,6 +128,7 @@ def build_model(cfg: TrainConfig, precision: str | None = None) -> tuple[Any, An
         target_modules=cfg.lora.target_modules,
         task_type="CAUSAL_LM",
     )
+    check_target_modules(cfg, model)  # one line instead of peft's traceback
     model = get_peft_model(model, lora)
     if cfg.lora.dropout > 0 and model.device.type == "cpu":
         from tutor.lora import use_lora_dropout
@@ -135,6 +136,45 @@ def build_model(cfg: TrainConfig, precision: str | None = None) -> tuple[Any, An
         use_lora_dropout(model)  # same keep rate and scaling, a cheaper mask on CPU
     model.train()
     return model, tokenizer
+
+
+def check_target_modules(cfg: TrainConfig, model: Any = None) -> None:
+    """Each of lora.target_modules must name a module of the model (peft's rule: the full
+    name or a dotted suffix of it); else one line listing its Linear layers' names.
+
+    Without `model` the check runs on a skeleton built from the config on the meta device
+    (no weight loaded); a config transformers cannot build that way is checked after
+    loading instead. A string target ("all-linear" or a regex) is left to peft.
+    """
+    import torch
+
+    targets = cfg.lora.target_modules if cfg.lora is not None else "all-linear"
+    if isinstance(targets, str) or (model is None and (model := _skeleton(cfg.model)) is None):
+        return
+    modules = dict(model.named_modules())
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in modules)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items()
+                         if isinstance(m, torch.nn.Linear)})
+        raise TutorError(f"lora.target_modules: no module of {cfg.model} is named "
+                         f"{', '.join(missing)}; its Linear layers are {', '.join(linear)} "
+                         "(or use all-linear)")
+
+
+def _skeleton(model_name: str) -> Any:
+    """`model_name` built from its config on the meta device (no memory, no weights), or
+    None when transformers cannot build it from the config alone."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tutor.models import resolve
+
+    try:
+        config = AutoConfig.from_pretrained(resolve(model_name))
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, OSError, ImportError):
+        return None
 
 
 def _frozen_to(model: Any, dtype: torch.dtype) -> None:
@@ -400,31 +440,46 @@ def train(
     resume: bool = False,
     deepspeed: str | None = None,
     callbacks: Sequence[TrainerCallback] = (),
+    overwrite: bool = False,
 ) -> TrainResult:
     """Fine-tune as the recipe says; save the adapter (or model) and config in output_dir.
 
-    `resume=True` continues from the newest finished ``checkpoint-N`` in output_dir
-    (optimizer, scheduler, RNG and data position restored; damaged newer ones skipped).
+    output_dir belongs to this run (`tutor.runs.claim_output_dir`): it must be missing or
+    empty, unless `resume=True`, which continues from the newest finished ``checkpoint-N``
+    in it (optimizer, scheduler, RNG and data position restored; damaged newer ones
+    skipped), or `overwrite=True`, which deletes the old run's files first. It is locked
+    while the run lasts.
     `deepspeed` overrides the recipe's (``zero2``, ...); CPU runs need
     ``DS_ACCELERATOR=cpu``, which is set here.
     """
+    from tutor.runs import check_writable, claim_output_dir
+
     if isinstance(cfg, str):
         cfg = load_config(cfg, list(overrides))
+    check_writable(cfg.output_dir)  # before anything loads
     if (deepspeed or cfg.deepspeed) and not _has_cuda():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     if not (deepspeed or cfg.deepspeed):  # transformers imports it to probe; it then warns
         logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     from transformers import set_seed
 
-    from tutor.callbacks import EvaluateChatCallback, MetricsCallback, ThroughputCallback
-    from tutor.measure import optimizer_held_bytes
-    from tutor.validation import EvaluateAtEnd, ValidationTrainer
-
     set_seed(cfg.train.seed)
     from tutor.models import load_tokenizer
 
     check_max_length(cfg, load_tokenizer(cfg.model))  # before the model loads and logs
     check_device_options(cfg)
+    check_target_modules(cfg)  # from the config alone, before the weights load
+    with claim_output_dir(cfg.output_dir, resume, overwrite):
+        return _train(cfg, resume, deepspeed, callbacks)
+
+
+def _train(cfg: TrainConfig, resume: bool, deepspeed: str | None,
+           callbacks: Sequence[TrainerCallback]) -> TrainResult:
+    """`train` once output_dir is claimed: model, data, Trainer, saved results."""
+    from tutor.callbacks import EvaluateChatCallback, MetricsCallback, ThroughputCallback
+    from tutor.measure import optimizer_held_bytes
+    from tutor.validation import EvaluateAtEnd, ValidationTrainer
+
     resume_from, start_step = resume_point(cfg.output_dir) if resume else (None, 0)
     precision = resolve_precision(cfg.train.precision)
     model, tokenizer = build_model(cfg, precision)
@@ -458,6 +513,7 @@ def train(
     trainer.save_model(cfg.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(cfg.output_dir)
+        apply_umask(cfg.output_dir)  # safetensors leaves the adapter at 600
     held = {"optimizer_bytes": optimizer_held_bytes(trainer.optimizer, model)}  # this rank's
     return TrainResult(
         Path(cfg.output_dir), trainer.state.global_step,

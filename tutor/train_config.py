@@ -23,7 +23,7 @@ import re
 import shutil
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -245,7 +245,8 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     for key, value in raw.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            raise RecipeError(path, f"unknown key (known: {', '.join(fields)})")
+            raise RecipeError(path, f"unknown key{_did_you_mean(str(key), fields, prefix)} "
+                              f"(known: {', '.join(fields)})")
         kwargs[key] = _convert(value, hints[key], path)
         test, must = RANGES.get(cls, {}).get(key, (None, ""))
         if test is not None and kwargs[key] is not None and not test(kwargs[key]):
@@ -261,6 +262,28 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
         where = f"{prefix}." if prefix else ""
         raise RecipeError(f"{where}{missing[0]}", "required key is missing")
     return cls(**kwargs)
+
+
+# Names other trainers use for tutor's keys (transformers' TrainingArguments, peft's
+# LoraConfig): a recipe carried over from them gets the tutor name suggested.
+KEY_ALIASES = {"learning_rate": "lr", "num_train_epochs": "epochs",
+               "per_device_train_batch_size": "batch_size",
+               "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "scheduler",
+               "lora_alpha": "alpha", "lora_dropout": "dropout", "save_steps": "steps",
+               "save_total_limit": "total_limit", "model_name_or_path": "model"}
+
+
+def _did_you_mean(key: str, fields: Iterable[str], prefix: str) -> str:
+    """" ; did you mean train.lr?" for a mistyped or foreign key name, else ""."""
+    import difflib
+
+    fields = list(fields)
+    names = fields + [a for a, name in KEY_ALIASES.items() if name in fields]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.75)
+    if not close:
+        return ""
+    where = f"{prefix}." if prefix else ""
+    return f"; did you mean {where}{KEY_ALIASES.get(close[0], close[0])}?"
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
