@@ -30,7 +30,7 @@ import logging
 import os
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -168,44 +168,62 @@ def held_out(n: int, fraction: float, seed: str) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), k))
 
 
-def load_samples(
-    cfg: TrainConfig, tokenizer: Any, split: str = "train"
-) -> tuple[list[dict[str, list[int]]], list]:
-    """Encode every dataset of the recipe; weights repeat (2.0) or subsample (0.5) it.
+def split_datasets(cfg: TrainConfig, split: str, load: Callable[[str, str], Any],
+                   ) -> list[tuple[str, float, Any]]:
+    """(path, weight, records) per data file of `split`, each read by ``load(path, format)``.
 
-    ``split="validation"`` gives the validation samples instead: the file named by
-    ``data.validation``, or each dataset's held-out fraction (`held_out`), unweighted.
-    The fraction is drawn from the conversations *before* encoding, weighting and
-    packing, and the ``"train"`` split leaves exactly those out, so a validation
-    conversation is never trained on. No validation configured: ``([], [])``.
-    Returns the samples (``input_ids``/``labels`` lists) and one EncodeReport per file.
+    ``split="validation"``: the file named by ``data.validation``, or each dataset's held-out
+    fraction (`held_out`), weight 1. The fraction is drawn from the records *before*
+    encoding, weighting and packing, and the ``"train"`` split leaves exactly those out, so
+    a validation record is never trained on. No validation configured: [].
     """
-    from tutor.data import encode_dataset, load_conversations
-
     if not cfg.data.datasets:
         raise TutorError("data.datasets: the recipe names no dataset")
-    check_max_length(cfg, tokenizer)
     val, validation = cfg.data.validation, split == "validation"
     files = [(spec.path, spec.format, spec.weight) for spec in cfg.data.datasets]
     if validation and not isinstance(val, float):
         files = [(val, "auto", 1.0)] if val else []
+    key = "data.validation" if validation and isinstance(val, str) else "data.datasets"
+    out = []
+    for path, fmt, weight in files:
+        records = load(resolve_data_path(path, key), fmt)
+        if isinstance(val, float):
+            held = held_out(len(records), val, f"{cfg.train.seed}:{path}")
+            keep = held if validation else sorted(set(range(len(records))) - set(held))
+            records = records.select(keep)
+        out.append((path, 1.0 if validation else weight, records))
+    return out
+
+
+def weighted(rows: list, weight: float, rng: random.Random) -> list:
+    """`rows` repeated by the whole part of `weight`, plus a random `rng` share of the rest."""
+    whole, frac = divmod(weight, 1.0)
+    return rows * int(whole) + rng.sample(rows, round(frac * len(rows)))
+
+
+def load_samples(
+    cfg: TrainConfig, tokenizer: Any, split: str = "train"
+) -> tuple[list[dict[str, list[int]]], list]:
+    """Encode every dataset of the recipe's `split` (`split_datasets`); weights repeat (2.0)
+    or subsample (0.5) it. No validation configured: ``([], [])``.
+    Returns the samples (``input_ids``/``labels`` lists) and one EncodeReport per file.
+    """
+    from tutor.data import encode_dataset, load_conversations
+
+    check_max_length(cfg, tokenizer)
     rng = random.Random(cfg.train.seed)
     samples, reports = [], []
-    for path, fmt, weight in files:
-        key = "data.validation" if validation and isinstance(val, str) else "data.datasets"
-        conversations = load_conversations(resolve_data_path(path, key), fmt)
-        if isinstance(val, float):
-            held = held_out(len(conversations), val, f"{cfg.train.seed}:{path}")
-            keep = held if validation else sorted(set(range(len(conversations))) - set(held))
-            conversations = conversations.select(keep)
+    parts = split_datasets(cfg, split, load_conversations)
+    for _, weight, conversations in parts:
         encoded, report = encode_dataset(
             conversations, tokenizer, cfg.template, cfg.data.max_length
         )
         rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in encoded]
-        whole, frac = divmod(1.0 if validation else weight, 1.0)
-        samples += rows * int(whole) + rng.sample(rows, round(frac * len(rows)))
+        samples += weighted(rows, weight, rng)
         reports.append(report)
-    if files and not samples:
+    if parts and not samples:
+        val = isinstance(cfg.data.validation, str) and split == "validation"
+        key = "data.validation" if val else "data.datasets"
         raise TutorError(f"{key}: no sample with a trainable token was left")
     return samples, reports
 
