@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from tutor.common import IGNORE_INDEX as _
-from tutor.preference import dpo_loss, log1mexp, orpo_loss, sequence_logps
+from tutor.preference import answer_logps, dpo_loss, log1mexp, orpo_loss, sequence_logps
 from tutor.preference_train import (
     REFERENCE,
-    answer_logps,
     load_policy_adapter,
     preference_loss,
     reference_of,
@@ -73,18 +72,20 @@ def random_pairs(n: int, seed: int, vocab: int = 128) -> list[dict]:
         for side in ("chosen", "rejected"):
             answer = ids(1, 10)
             sides[side] = {"input_ids": prompt + answer, "labels": [_] * len(prompt) + answer}
-        out.append({**sides, "prompt_length": len(prompt)})
+        # the shared prefix stops one token early: the token after it must be untrained
+        out.append({**sides, "prompt_length": len(prompt) - 1})
     return out
 
 
-def packed_batch(pairs: list[dict], impl: str, max_length: int = 96) -> dict[str, torch.Tensor]:
-    """The pairs packed with the prompt once (tutor.packing.pack_pairs) and collated."""
+def packed_batch(pairs: list[dict], impl: str, max_length: int = 96):
+    """The pairs packed with the prompt once (tutor.packing.pack_pairs) and collated, and
+    the pairs in batch order (pair k of the batch is 2k / 2k+1 in pair_ids)."""
     from tutor.packing import collate, pack_pairs
 
     packs = pack_pairs(pairs, max_length)
     assert len(packs) > 1  # several packs, several pairs in a pack
     assert max(len(set(p["pair_ids"])) for p in packs) > 2
-    return collate(packs, impl)
+    return collate(packs, impl), [pairs[i] for p in packs for i in p["indices"]]
 
 
 def alone_logps(model, side: dict) -> tuple[torch.Tensor, int]:
@@ -120,8 +121,8 @@ def lora_grads(model) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("impl", BACKENDS)
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_packed_pairs_equal_pairs_alone(impl, loss_type):
-    model, pairs, beta = tiny_lora(impl), random_pairs(7, seed=3), 0.1
-    batch = packed_batch(pairs, impl)
+    model, beta = tiny_lora(impl), 0.1
+    batch, pairs = packed_batch(random_pairs(7, seed=3), impl)
     model.zero_grad()
     out = preference_loss(model, batch, "dpo", beta, loss_type, 0.0)
     out["loss"].backward()
@@ -152,8 +153,8 @@ def test_packed_pairs_equal_pairs_alone(impl, loss_type):
 
 
 def test_sequence_logps_on_full_logits_matches_alone():
-    model, pairs = tiny_lora("sdpa"), random_pairs(4, seed=5)
-    batch = packed_batch(pairs, "sdpa", max_length=64)
+    model = tiny_lora("sdpa")
+    batch, pairs = packed_batch(random_pairs(4, seed=5), "sdpa", max_length=64)
     with torch.no_grad():
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "pair_ids")}
         logits = model(**inputs).logits  # (B, L, V)
@@ -216,8 +217,8 @@ def test_orpo_odds_ratio_equals_trl():
 
 
 def test_reference_is_disabled_adapter_when_fresh():
-    model, pairs = tiny_lora("sdpa"), random_pairs(2, seed=7)
-    batch = packed_batch(pairs + random_pairs(3, seed=8), "sdpa", max_length=48)
+    model = tiny_lora("sdpa")
+    batch, _pairs = packed_batch(random_pairs(5, seed=7), "sdpa", max_length=48)
     n = int(batch["pair_ids"].max()) // 2 + 1
     with torch.no_grad():
         with reference_of(model):
@@ -241,8 +242,7 @@ def test_reference_is_starting_adapter(tmp_path):
     fresh.load_state_dict(base.state_dict())
     model = load_policy_adapter(fresh, str(tmp_path / "adapter"), reference=True)
     assert set(model.peft_config) == {"default", REFERENCE}
-    pairs = random_pairs(5, seed=9)
-    batch = packed_batch(pairs, "sdpa", max_length=64)
+    batch, pairs = packed_batch(random_pairs(5, seed=9), "sdpa", max_length=64)
     out = preference_loss(model.eval(), batch, "dpo", 0.1, "sigmoid", 0.0)
     assert out["loss"].item() == pytest.approx(math.log(2), abs=1e-6)
     assert out["rewards/margins"].abs().max().item() < 1e-6
@@ -307,7 +307,7 @@ def test_dpo_equals_trl(tmp_path, loss_type):
 
     pairs = [{side: {"input_ids": e["prompt_ids"] + e[f"{side}_ids"],
                      "labels": [_] * len(e["prompt_ids"]) + e[f"{side}_ids"]}
-              for side in ("chosen", "rejected")} | {"prompt_length": len(e["prompt_ids"])}
+              for side in ("chosen", "rejected")} | {"prompt_length": len(e["prompt_ids"]) - 1}
              for e in examples]
     from tutor.packing import collate, pack_pairs
 

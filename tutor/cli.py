@@ -195,21 +195,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import contextlib
     import json
 
-    from tutor.eval import evaluate
+    from tutor.eval import evaluate, evaluate_pairs, is_pair_file
+    from tutor.train_config import resolve_data_path
 
     # With --json, stdout carries the JSON alone: anything printed while loading and
     # answering (answers, library notices) goes to stderr.
     quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    pair_files = [f for f in args.files if is_pair_file(resolve_data_path(f, "tutor eval"))]
+    other = [f for f in args.files if f not in pair_files]
     with quiet:
-        scores = evaluate(args.model, args.files, adapter=args.adapter,
+        scores = evaluate(args.model, other, adapter=args.adapter,
                           template=args.prompt_template, max_new_tokens=args.max_new_tokens,
-                          echo=not args.json)
+                          echo=not args.json) if other else []
+        pairs = evaluate_pairs(args.model, pair_files, adapter=args.adapter,
+                               template=args.prompt_template) if pair_files else []
     if args.json:
-        print(json.dumps({"files": {s.path: s.to_json() for s in scores}}))
+        print(json.dumps({"files": {s.path: s.to_json() for s in [*scores, *pairs]}}))
         return 0
     for s in scores:
         loss = "n/a" if s.answer_loss is None else f"{s.answer_loss:.4f}"
         print(f"{s.path}: {s.hits}/{s.total} answers with every keyword, answer loss {loss}")
+    for s in pairs:
+        print(f"{s.path}: preference accuracy {s.accuracy:.3f} over {len(s.margins)} pairs "
+              f"(chosen more likely than rejected), mean margin {s.mean_margin:.3f} nats")
     return 0
 
 
@@ -218,7 +226,8 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
                        "held-out files")
     p.add_argument("model", help="bundled name, merged/model dir or hub id")
     p.add_argument("files", nargs="+", metavar="FILE", help="question+expected JSONL, or any "
-                   "format tutor reads (scored by the loss on its reference answers)")
+                   "format tutor reads (scored by the loss on its reference answers), or "
+                   "preference pairs (scored by preference accuracy and mean margin)")
     p.add_argument("--adapter", help="a LoRA adapter dir to apply on top of MODEL")
     p.add_argument("--prompt-template", metavar="NAME",
                    help="chat template name or 'auto' (default: recorded at training, else auto)")

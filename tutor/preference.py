@@ -52,6 +52,8 @@ from tutor.common import IGNORE_INDEX
 from tutor.errors import TutorError
 
 if TYPE_CHECKING:
+    from typing import Any
+
     import torch
 
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -100,6 +102,18 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, pair_ids: torch.T
     """
     return token_logps_by_id(logits[:, :-1], labels[:, 1:], pair_ids[:, 1:], 2 * n_pairs,
                              chunk)
+
+
+def answer_logps(model: Any, batch: dict[str, torch.Tensor], n_pairs: int,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums (2n,), counts (2n,)) of every answer's log-prob in a collated pair batch
+    (`tutor.packing.collate` of `pack_pairs`), computing logits only at positions that
+    predict a trained token. Gradients flow unless the caller disables them."""
+    labels, pair_ids = batch["labels"], batch["pair_ids"]
+    keep = keep_positions(labels)  # (K,)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "pair_ids")}
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
+    return token_logps_by_id(logits, labels[:, keep + 1], pair_ids[:, keep + 1], 2 * n_pairs)
 
 
 def _rewards(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:

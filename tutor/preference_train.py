@@ -34,13 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tutor.errors import TutorError
-from tutor.preference import (
-    REWARD_KEYS,
-    dpo_loss,
-    keep_positions,
-    orpo_loss,
-    token_logps_by_id,
-)
+from tutor.packing import PackedDataset
+from tutor.preference import REWARD_KEYS, answer_logps, dpo_loss, orpo_loss
 from tutor.validation import ValidationTrainer
 
 if TYPE_CHECKING:
@@ -110,17 +105,6 @@ def reference_of(model: Any) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------- the loss
-
-
-def answer_logps(model: Any, batch: dict[str, torch.Tensor], n_pairs: int,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sums (2n,), counts (2n,)) of every answer's log-prob in a collated pair batch,
-    computing logits only at positions that predict a trained token."""
-    labels, pair_ids = batch["labels"], batch["pair_ids"]
-    keep = keep_positions(labels)  # (K,)
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "pair_ids")}
-    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
-    return token_logps_by_id(logits, labels[:, keep + 1], pair_ids[:, keep + 1], 2 * n_pairs)
 
 
 def preference_loss(model: Any, batch: dict[str, torch.Tensor], method: str, beta: float,
@@ -194,30 +178,47 @@ class PreferenceTrainer(ValidationTrainer):
 # ---------------------------------------------------------------- the data
 
 
-def load_pair_samples(cfg: TrainConfig, tokenizer: Any, split: str = "train") -> list[dict]:
-    """Encoded pairs (`tutor.data.encode_pair`) of the recipe's `split`, weighted like SFT
-    samples (`tutor.train.split_datasets`, `tutor.train.weighted`). [] without validation."""
-    from tutor.data import encode_pair, load_pairs
+def load_pair_samples(cfg: TrainConfig, tokenizer: Any, split: str = "train",
+                      ) -> tuple[list[dict], list]:
+    """Encoded pairs (`tutor.data.encode_pairs`) of the recipe's `split`, weighted like SFT
+    samples (`tutor.train.split_datasets`, `tutor.train.weighted`), and one PairReport per
+    file. ([], []) without validation."""
+    from tutor.data import encode_pairs, load_pairs
     from tutor.train import check_max_length, split_datasets, weighted
 
     check_max_length(cfg, tokenizer)
     rng = random.Random(cfg.train.seed)
     encoded: list[dict] = []
+    reports = []
     for _, weight, pairs in split_datasets(cfg, split, load_pairs):
-        rows = [encode_pair(p["prompt"], p["chosen"], p["rejected"], tokenizer, cfg.template,
-                            cfg.data.max_length) for p in pairs]
+        rows, report = encode_pairs(pairs, tokenizer, cfg.template, cfg.data.max_length)
         encoded += weighted(rows, weight, rng)
-    return encoded
+        reports.append(report)
+    return encoded, reports
 
 
 def build_pair_dataset(cfg: TrainConfig, tokenizer: Any, attn_implementation: str = "sdpa",
                        mask_dtype: torch.dtype | None = None, split: str = "train"):
-    """(dataset of pair packs, collator, number of pairs) for `cfg`'s split; the dataset is
-    None when the split is empty (no validation configured)."""
-    from tutor.packing import PairCollator, PairPackedDataset
+    """(dataset of pair packs, collator, PairReport per file) for `cfg`'s split, shaped like
+    `tutor.train.build_dataset`'s result; the dataset is None when the split is empty."""
+    from tutor.packing import PackCollator
 
-    pairs = load_pair_samples(cfg, tokenizer, split)
-    dataset = PairPackedDataset(pairs, cfg.data.max_length, cfg.data.packing,
-                                seed=cfg.train.seed, reshuffle=split == "train") if pairs else None
-    collator = PairCollator(attn_implementation, tokenizer.pad_token_id, mask_dtype)
-    return dataset, collator, len(pairs)
+    pairs, reports = load_pair_samples(cfg, tokenizer, split)
+    dataset = PairPacks(pairs, cfg.data.max_length, cfg.data.packing, seed=cfg.train.seed,
+                        reshuffle=split == "train") if pairs else None
+    # keep_logits stays off: the preference loss picks its own positions (keep_positions)
+    collator = PackCollator(attn_implementation, tokenizer.pad_token_id, mask_dtype)
+    return dataset, collator, reports
+
+
+class PairPacks(PackedDataset):
+    """`PackedDataset` of pairs (`tutor.packing.pack_pairs`), re-packed each epoch;
+    ``packing: none`` puts each pair in a pack of its own."""
+
+    def _pack(self, seed: int) -> Any:
+        from tutor.packing import pack_pairs
+
+        if self.strategy == "none":
+            return [pack for pair in self.samples
+                    for pack in pack_pairs([pair], self.max_length)]
+        return pack_pairs(self.samples, self.max_length, self.strategy, seed)

@@ -128,7 +128,12 @@ def build_model(cfg: TrainConfig, precision: str | None = None) -> tuple[Any, An
         target_modules=cfg.lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
+    if cfg.init_adapter:  # continue an adapter; DPO keeps a frozen copy as its reference
+        from tutor.preference_train import load_policy_adapter
+
+        model = load_policy_adapter(model, cfg.init_adapter, reference=cfg.method == "dpo")
+    else:
+        model = get_peft_model(model, lora)
     if cfg.lora.dropout > 0 and model.device.type == "cpu":
         from tutor.lora import use_lora_dropout
 
@@ -369,6 +374,7 @@ def training_arguments(cfg: TrainConfig, precision: str, deepspeed: str | None =
         per_device_eval_batch_size=t.batch_size,
         prediction_loss_only=True,  # the loss is all we need: no logits kept or gathered
         label_names=["labels"],
+        remove_unused_columns=cfg.method == "sft",  # pair packs carry pair_ids to the loss
         disable_tqdm=not t.progress_bar,
         save_strategy="steps" if cfg.save.steps > 0 else "no",
         save_steps=max(cfg.save.steps, 1),
@@ -436,7 +442,7 @@ def train(
 
     from tutor.callbacks import EvaluateChatCallback, MetricsCallback, ThroughputCallback
     from tutor.measure import optimizer_held_bytes
-    from tutor.validation import EvaluateAtEnd, ValidationTrainer
+    from tutor.validation import EvaluateAtEnd
 
     set_seed(cfg.train.seed)
     from tutor.models import load_tokenizer
@@ -447,11 +453,14 @@ def train(
     precision = resolve_precision(cfg.train.precision)
     model, tokenizer = build_model(cfg, precision)
     attn = model.config._attn_implementation
-    dataset, collator, reports = build_dataset(cfg, tokenizer, attn, model.dtype)
+    build = build_dataset
+    if cfg.method != "sft":
+        from tutor.preference_train import build_pair_dataset as build
+    dataset, collator, reports = build(cfg, tokenizer, attn, model.dtype)
     for spec, report in zip(cfg.data.datasets, reports, strict=True):
         log.info("%s: %s", spec.path, report)
-    validation, eval_collator, val_reports = build_dataset(cfg, tokenizer, attn, model.dtype,
-                                                              split="validation")
+    validation, eval_collator, val_reports = build(cfg, tokenizer, attn, model.dtype,
+                                                   split="validation")
     val = cfg.data.validation  # a fraction: one report per dataset; a file: one report
     val_paths = [s.path for s in cfg.data.datasets] if isinstance(val, float) else [val]
     for path, report in zip(val_paths[:len(val_reports)], val_reports, strict=True):
@@ -459,14 +468,14 @@ def train(
     args = training_arguments(cfg, precision, deepspeed, validate=validation is not None)
     throughput = ThroughputCallback(collator, model, resume_from)
     chat = EvaluateChatCallback(cfg, tokenizer)
-    trainer = ValidationTrainer(
+    trainer = make_trainer(
+        cfg,
         model=model,
         args=args,
         train_dataset=dataset,
         eval_dataset=validation,
         data_collator=collator,
         eval_collator=eval_collator,
-        loss_chunk=resolve_chunked_loss(cfg, model, _zero_stage(args) == 3),
         callbacks=[chat, throughput, MetricsCallback(cfg),
                    *([EvaluateAtEnd()] if validation is not None else []), *callbacks],
     )
@@ -482,6 +491,22 @@ def train(
         {**output.metrics, **throughput.summary(), **held}, trainer.state.log_history,
         chat.answers, reports, start_step, scores=chat.scores,
     )
+
+
+def make_trainer(cfg: TrainConfig, **kwargs: Any) -> Any:
+    """The Trainer for `cfg.method`: `tutor.validation.ValidationTrainer` (SFT, with the
+    chunked loss where it applies) or `tutor.preference_train.PreferenceTrainer` (dpo, orpo)."""
+    if cfg.method == "sft":
+        from tutor.validation import ValidationTrainer
+
+        zero3 = _zero_stage(kwargs["args"]) == 3
+        return ValidationTrainer(loss_chunk=resolve_chunked_loss(cfg, kwargs["model"], zero3),
+                                 **kwargs)
+    from tutor.preference_train import PreferenceTrainer
+
+    p = cfg.preference
+    return PreferenceTrainer(method=cfg.method, beta=p.beta, loss_type=p.loss_type,
+                             orpo_lambda=p.orpo_lambda, **kwargs)
 
 
 def _zero_stage(args: Any) -> int:
