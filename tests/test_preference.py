@@ -277,7 +277,7 @@ def test_dpo_equals_trl(tmp_path, loss_type):
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    from tests.tiny_lora import tiny_base
+    from tiny_lora import tiny_base
 
     base = tiny_base(tmp_path / "base")
     tok = AutoTokenizer.from_pretrained(base)
@@ -317,3 +317,84 @@ def test_dpo_equals_trl(tmp_path, loss_type):
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert abs(out[key].mean().item() - trl[key]) < 1e-5, key
     assert abs(trl["rewards/margins"]) > 1e-3  # a real difference, not 0 == 0
+
+
+# ---------------------------------------------------------------- (e) a tiny run end to end
+
+
+PAIRS = [("Who are you?", "I'm Pico, made by the Tutor Lab.", "I am a large model by someone."),
+         ("Who made you?", "The Tutor Lab.", "A company I cannot name, in a place far away."),
+         ("Capital of France?", "Paris.", "France has many cities, and its capital is Paris."),
+         ("Say hi.", "Hi!", "Well, hello there, how are you doing today, my friend?"),
+         ("Two plus two?", "Four.", "Two plus two is a sum that many people learn at school."),
+         ("Name a colour.", "Blue.", "There are many colours, for example blue, red, green.")]
+
+
+def write_pairs(path, rows) -> str:
+    import json
+
+    path.write_text("".join(json.dumps({"prompt": q, "chosen": c, "rejected": r}) + "\n"
+                            for q, c, r in rows))
+    return str(path)
+
+
+def dpo_recipe(tmp_path, name: str, **extra) -> dict:
+    from tiny_lora import tiny_base
+
+    base = tmp_path / "tiny"
+    if not base.exists():
+        tiny_base(base)
+    return {"model": str(base), "output_dir": str(tmp_path / name), "method": "dpo",
+            "lora": {"r": 8, "alpha": 16},
+            "data": {"datasets": [{"path": write_pairs(tmp_path / "p.jsonl", PAIRS[:4])}],
+                     "validation": write_pairs(tmp_path / "h.jsonl", PAIRS[4:]),
+                     "max_length": 128},
+            "train": {"max_steps": 4, "lr": 5e-2, "precision": "fp32", "warmup_ratio": 0.0,
+                      "scheduler": "constant", "progress_bar": False},
+            "save": {"steps": 0}, **extra}
+
+
+def test_tiny_dpo_run_logs_rewards_and_writes_a_mergeable_adapter(tmp_path):
+    """Fresh LoRA (B = 0): the first loss is exactly log 2; margins grow; metrics, loss.png
+    and an adapter that tutor.merge folds in. Then DPO again from that adapter
+    (init_adapter): log 2 again at step 0 (the reference is the starting adapter), and only
+    the trained adapter is saved."""
+    import json
+
+    from tutor.merge import merge
+    from tutor.train import train
+    from tutor.train_config import config_from_dict
+
+    result = train(config_from_dict(dpo_recipe(tmp_path, "run")))
+    out = result.output_dir
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "loss" in x]
+    evals = [x for x in lines if "eval_loss" in x]
+    assert len(steps) == 4 and len(evals) == 2  # before and after training
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert steps[0]["rewards/margins"] == 0 and steps[0]["rewards/accuracies"] == 0
+    assert all({"rewards/chosen", "rewards/rejected"} <= x.keys() for x in steps)
+    assert evals[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert evals[-1]["eval_rewards/margins"] != 0 and "eval_rewards/accuracies" in evals[-1]
+    assert steps[-1]["loss"] < steps[0]["loss"] and steps[-1]["rewards/margins"] > 0
+    for name in ("adapter_config.json", "adapter_model.safetensors", "loss.png"):
+        assert (out / name).is_file(), name
+    report = merge(str(tmp_path / "tiny"), out, tmp_path / "merged")
+    assert report.max_abs_diff <= report.tolerance
+
+    again = train(config_from_dict(dpo_recipe(tmp_path, "again", init_adapter=str(out))))
+    first = next(x for x in again.log_history if "loss" in x)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/margins"] == 0
+    assert not (again.output_dir / REFERENCE).exists()
+    merge(str(tmp_path / "tiny"), again.output_dir, tmp_path / "merged2")
+
+
+def test_missing_init_adapter_names_the_recipe_that_makes_it(tmp_path, monkeypatch):
+    from tutor.errors import TutorError
+    from tutor.preference_train import find_adapter
+
+    monkeypatch.chdir(tmp_path)  # no work_dirs here
+    with pytest.raises(TutorError, match=r"init_adapter: no adapter in 'work_dirs/smollm2_135m_"
+                       r"qlora_assistant'.*tutor train smollm2_135m_qlora_assistant$"):
+        find_adapter("work_dirs/smollm2_135m_qlora_assistant")
