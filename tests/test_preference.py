@@ -398,3 +398,43 @@ def test_missing_init_adapter_names_the_recipe_that_makes_it(tmp_path, monkeypat
     with pytest.raises(TutorError, match=r"init_adapter: no adapter in 'work_dirs/smollm2_135m_"
                        r"qlora_assistant'.*tutor train smollm2_135m_qlora_assistant$"):
         find_adapter("work_dirs/smollm2_135m_qlora_assistant")
+
+
+# ---------------------------------------------------------------- held-out preference accuracy
+
+
+def test_preference_accuracy_equals_each_pair_alone(tmp_path):
+    """tutor eval's pair scoring (packed, prompt once) == each side scored alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tutor.data import encode_pair
+    from tutor.eval import is_pair_file, preference_accuracy
+
+    from tiny_lora import tiny_base
+
+    base = tiny_base(tmp_path / "tiny")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(base)
+    path = write_pairs(tmp_path / "p.jsonl", PAIRS)
+    assert is_pair_file(path) and not is_pair_file(write_pairs_as_qa(tmp_path / "q.jsonl"))
+    score = preference_accuracy(model, tok, path, pack_length=64)  # several packs
+    want, want_tokens = [], []
+    with torch.no_grad():
+        for q, c, r in PAIRS:
+            pair = encode_pair([{"role": "user", "content": q}],
+                               [{"role": "assistant", "content": c}],
+                               [{"role": "assistant", "content": r}], tok)
+            (sc, nc), (sr, nr) = (alone_logps(model, pair[s]) for s in ("chosen", "rejected"))
+            want.append((sc - sr).item())
+            want_tokens.append((sc / nc - sr / nr).item())
+    assert sorted(score.margins) == pytest.approx(sorted(want), abs=1e-4)
+    assert sorted(score.token_margins) == pytest.approx(sorted(want_tokens), abs=1e-5)
+    assert score.accuracy == sum(m > 0 for m in want) / len(want)
+    assert score.token_accuracy == sum(m > 0 for m in want_tokens) / len(want)
+
+
+def write_pairs_as_qa(path) -> str:
+    import json
+
+    path.write_text(json.dumps({"question": "Say hi.", "answer": "Hi!"}) + "\n")
+    return str(path)

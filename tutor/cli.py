@@ -217,7 +217,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"{s.path}: {s.hits}/{s.total} answers with every keyword, answer loss {loss}")
     for s in pairs:
         print(f"{s.path}: preference accuracy {s.accuracy:.3f} over {len(s.margins)} pairs "
-              f"(chosen more likely than rejected), mean margin {s.mean_margin:.3f} nats")
+              f"(chosen more likely than rejected), mean margin {s.mean_margin:.3f} nats; "
+              f"per token: accuracy {s.token_accuracy:.3f}")
     return 0
 
 

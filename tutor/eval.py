@@ -10,6 +10,11 @@ Two measurements per file, both comparable before and after training:
   answer tokens is averaged over all of them (token-weighted, like one packed batch of
   the whole file). None when the file has no reference answer.
 
+Preference-pair files (records with ``chosen`` and ``rejected``; `tutor.data.load_pairs`) are
+scored by `preference_accuracy` instead: the fraction of pairs whose chosen answer the model
+finds more likely than the rejected one (summed log-probs, DPO's measure, and per token), and
+the mean margin, each pair packed with its prompt once (`tutor.packing.pack_pairs`).
+
 Records may be ``{"question", "expected"[, "answer"][, "system"]}`` (the format of
 data/assistant_heldout.jsonl and data/general_probe.jsonl) or any format tutor reads
 (`tutor.formats`): the prompt is the conversation before its last assistant message,
@@ -224,10 +229,13 @@ def evaluate(model: str, paths: Sequence[str | Path], adapter: str | None = None
 @dataclass
 class PreferenceScore:
     """Held-out preference accuracy of one pair file under one model (no reference):
-    margin = log π(chosen | prompt) − log π(rejected | prompt), summed over answer tokens."""
+    margin = log π(chosen | prompt) − log π(rejected | prompt), summed over answer tokens
+    (DPO's own measure); the per-token margin compares mean log-probs instead, which a
+    long rejected answer cannot lose by length alone."""
 
     path: str
     margins: list[float]
+    token_margins: list[float]
 
     @property
     def accuracy(self) -> float:
@@ -238,9 +246,15 @@ class PreferenceScore:
     def mean_margin(self) -> float:
         return sum(self.margins) / len(self.margins)
 
+    @property
+    def token_accuracy(self) -> float:
+        """Fraction of pairs whose chosen answer has the higher mean log-prob per token."""
+        return sum(m > 0 for m in self.token_margins) / len(self.token_margins)
+
     def to_json(self) -> dict[str, Any]:
         return {"pairs": len(self.margins), "accuracy": self.accuracy,
-                "mean_margin": self.mean_margin}
+                "mean_margin": self.mean_margin, "token_accuracy": self.token_accuracy,
+                "mean_token_margin": sum(self.token_margins) / len(self.token_margins)}
 
 
 def is_pair_file(path: str | Path) -> bool:
@@ -270,7 +284,7 @@ def preference_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
         raise TutorError(f"{pairs_path}: no pair to score")
     longest = max(len(q["chosen"]["input_ids"]) + len(q["rejected"]["input_ids"])
                   - q["prompt_length"] for q in pairs)
-    margins, was_training = [], model.training
+    margins, token_margins, was_training = [], [], model.training
     model.eval()
     keep_4bit_trainable(model, was_training)  # mid-training: see tutor.validation
     try:
@@ -278,11 +292,13 @@ def preference_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
             for pack in pack_pairs(pairs, max(pack_length, longest)):
                 batch = {k: v.to(model.device) for k, v in collate(
                     [pack], attn, tokenizer.pad_token_id, model.dtype).items()}
-                sums, _counts = answer_logps(model, batch, len(pack["indices"]))
+                sums, counts = answer_logps(model, batch, len(pack["indices"]))
                 margins += (sums[0::2] - sums[1::2]).tolist()
+                means = sums / counts.clamp(min=1)
+                token_margins += (means[0::2] - means[1::2]).tolist()
     finally:
         model.train(was_training)
-    return PreferenceScore(str(pairs_path), margins)
+    return PreferenceScore(str(pairs_path), margins, token_margins)
 
 
 def evaluate_pairs(model: str, paths: Sequence[str | Path], adapter: str | None = None,
