@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_lora import tiny_base
 
 from tutor.common import IGNORE_INDEX as _
 from tutor.preference import answer_logps, dpo_loss, log1mexp, orpo_loss, sequence_logps
@@ -277,7 +278,6 @@ def test_dpo_equals_trl(tmp_path, loss_type):
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    from tiny_lora import tiny_base
 
     base = tiny_base(tmp_path / "base")
     tok = AutoTokenizer.from_pretrained(base)
@@ -339,7 +339,6 @@ def write_pairs(path, rows) -> str:
 
 
 def dpo_recipe(tmp_path, name: str, **extra) -> dict:
-    from tiny_lora import tiny_base
 
     base = tmp_path / "tiny"
     if not base.exists():
@@ -410,7 +409,6 @@ def test_preference_accuracy_equals_each_pair_alone(tmp_path):
     from tutor.data import encode_pair
     from tutor.eval import is_pair_file, preference_accuracy
 
-    from tiny_lora import tiny_base
 
     base = tiny_base(tmp_path / "tiny")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
