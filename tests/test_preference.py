@@ -391,12 +391,31 @@ def test_tiny_dpo_run_logs_rewards_and_writes_a_mergeable_adapter(tmp_path):
 
 def test_missing_init_adapter_names_the_recipe_that_makes_it(tmp_path, monkeypatch):
     from tutor.errors import TutorError
-    from tutor.preference_train import find_adapter
+    from tutor.train import train
+    from tutor.train_config import load_config
 
     monkeypatch.chdir(tmp_path)  # no work_dirs here
-    with pytest.raises(TutorError, match=r"init_adapter: no adapter in 'work_dirs/smollm2_135m_"
-                       r"qlora_assistant'.*tutor train smollm2_135m_qlora_assistant$"):
-        find_adapter("work_dirs/smollm2_135m_qlora_assistant")
+    with pytest.raises(TutorError, match=r"^init_adapter: no adapter in 'work_dirs/smollm2_135m_"
+                       r"qlora_assistant' .*; train it first: tutor train "
+                       r"smollm2_135m_qlora_assistant$"):
+        train(load_config("smollm2_135m_dpo_pico"))
+    assert not (tmp_path / "work_dirs").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lora=null", r"^method: dpo needs a lora section"),
+    ("attn_implementation=flash_attention_2", r"^attn_implementation: pairs share"),
+    ("preference.loss_type=hinge", r"preference\.loss_type: expected one of 'sigmoid' \| 'ipo'"),
+    ("preference.beta=0", r"preference\.beta: must be > 0"),
+])
+def test_bad_preference_recipes_are_one_line_errors(tmp_path, override, message):
+    from tutor.errors import TutorError
+    from tutor.train import train
+    from tutor.train_config import load_config
+
+    with pytest.raises(TutorError, match=message):
+        train(load_config("smollm2_135m_dpo_pico", [override, "init_adapter=null",
+                                                    f"output_dir={tmp_path / 'o'}"]))
 
 
 # ---------------------------------------------------------------- held-out preference accuracy
@@ -436,3 +455,31 @@ def write_pairs_as_qa(path) -> str:
 
     path.write_text(json.dumps({"question": "Say hi.", "answer": "Hi!"}) + "\n")
     return str(path)
+
+
+# ---------------------------------------------------------------- (f) the bundled model
+
+
+@pytest.mark.slow
+def test_bundled_model_dpo_recipe_steps(tmp_path):
+    """The shipped DPO recipe on the bundled model and the course pairs, from a fresh LoRA
+    (no SFT adapter needed) for 3 steps: log 2 exactly at step 0 (B = 0: policy ==
+    reference), rewards logged for training and the held-out pairs, finite losses."""
+    import json
+
+    from tutor.train import train
+    from tutor.train_config import load_config
+
+    cfg = load_config("smollm2_135m_dpo_pico", [
+        "init_adapter=null", "bits=null", "train.max_steps=3", "train.progress_bar=false",
+        "evaluation.prompts=[]", "evaluation.files=[]", f"output_dir={tmp_path / 'run'}"])
+    result = train(cfg)
+    lines = [json.loads(x) for x in (result.output_dir / "metrics.jsonl").read_text()
+             .splitlines()]
+    steps = [x for x in lines if "loss" in x]
+    evals = [x for x in lines if "eval_loss" in x]
+    assert len(steps) == 3 and len(evals) == 2
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert evals[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert all(math.isfinite(x["loss"]) and "rewards/accuracies" in x for x in steps)
+    assert evals[-1]["eval_rewards/margins"] != 0

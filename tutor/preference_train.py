@@ -46,6 +46,21 @@ if TYPE_CHECKING:
 REFERENCE = "ref"  # the frozen copy of the starting adapter (TRL's name, `ref_adapter_name`)
 
 
+def check_recipe(cfg: TrainConfig) -> None:
+    """Refuse, in one line and before the model loads, what preference training cannot do:
+    no adapter to switch off (full fine-tuning), attention that cannot share the prompt
+    (flash-attention), a missing init_adapter."""
+    if cfg.lora is None:
+        raise TutorError(f"method: {cfg.method} needs a lora section: the reference is the "
+                         "model with its adapter off (full fine-tuning would need a second "
+                         "copy of the model)")
+    if cfg.attn_implementation == "flash_attention_2":
+        raise TutorError("attn_implementation: pairs share their prompt, which "
+                         "flash_attention_2 cannot see; use sdpa_varlen, sdpa or eager")
+    if cfg.init_adapter:
+        find_adapter(cfg.init_adapter)
+
+
 # ---------------------------------------------------------------- the reference
 
 

@@ -449,6 +449,10 @@ def train(
 
     check_max_length(cfg, load_tokenizer(cfg.model))  # before the model loads and logs
     check_device_options(cfg)
+    if cfg.method != "sft":
+        from tutor.preference_train import check_recipe
+
+        check_recipe(cfg)
     resume_from, start_step = resume_point(cfg.output_dir) if resume else (None, 0)
     precision = resolve_precision(cfg.train.precision)
     model, tokenizer = build_model(cfg, precision)
