@@ -259,12 +259,12 @@ def plot_loss(log_history: list[dict[str, Any]], path: Path) -> Path | None:
     fig = Figure(figsize=(5, 5.5 if preference else 3), dpi=100)
     axes = fig.subplots(2 if preference else 1, 1, sharex=True, squeeze=False)[:, 0]
     _draw(axes[0], curves, "")
-    axes[0].set_ylabel("loss (answer tokens)")
+    axes[0].set_ylabel("preference loss" if preference else "loss (answer tokens)")
     if preference:
         _draw(axes[1], margins, "margin, ")
         axes[1].set_ylabel("reward margin (chosen − rejected)")
         right = axes[1].twinx()
-        _draw(right, accuracies, "accuracy, ", color="tab:green")
+        _draw(right, accuracies, "accuracy, ", color="tab:green", linestyle="--")
         right.set_ylim(-0.05, 1.05)
         right.set_ylabel("preference accuracy")
         right.legend(loc="lower right", fontsize="small")
@@ -285,9 +285,9 @@ def _curves(log_history: list[dict[str, Any]], key: str) -> dict[str, list[tuple
 
 
 def _draw(ax: Any, curves: dict[str, list[tuple[int, float]]], label: str,
-          color: str | None = None) -> None:
+          color: str | None = None, linestyle: str = "-") -> None:
     for (name, points), marker in zip(curves.items(), (".", "o"), strict=True):
         if points:
             ax.plot(*zip(*points, strict=True), marker=marker, label=f"{label}{name}",
-                    color=color)
+                    color=color, linestyle=linestyle)
     ax.grid(alpha=0.3)

@@ -145,6 +145,8 @@ class PreferenceTrainer(ValidationTrainer):
     gradient-accumulation steps (``loss_is_scaled_for_ga = False``).
     """
 
+    loss_is_scaled_for_ga = False
+
     def __init__(self, *args: Any, method: str = "dpo", beta: float = 0.1,
                  loss_type: str = "sigmoid", orpo_lambda: float = 0.1, **kwargs: Any) -> None:
         if method not in ("dpo", "orpo"):
@@ -152,7 +154,6 @@ class PreferenceTrainer(ValidationTrainer):
         super().__init__(*args, **kwargs)
         self.method, self.beta, self.loss_type, self.orpo_lambda = (method, beta, loss_type,
                                                                      orpo_lambda)
-        self.loss_is_scaled_for_ga = False
         # mode → statistic → [sum over pairs, number of pairs] since the last log line
         self._stats: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
 
