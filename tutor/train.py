@@ -20,8 +20,14 @@ before packing) is packed and collated like the training data and evaluated by T
 own loop (`tutor.validation`): ``eval_loss`` before training, every ``train.eval_steps``
 and at the end, in metrics.jsonl and loss.png beside the training loss.
 
+Preference tuning (``method: dpo | orpo``) takes the same road with pair files: the
+datasets and the validation split are read by `tutor.data.load_pairs`, packed with the
+prompt once per pair (`tutor.preference_train.build_pair_dataset`), and trained by
+`tutor.preference_train.PreferenceTrainer`, whose reference is the model itself with its
+adapter off (or a frozen copy of ``init_adapter``); the chunked loss does not apply there.
+
 Not handled here: multi-dataset sampling by temperature (weights only repeat or
-subsample), generation-based scoring (`tutor.eval`), and RLHF-style objectives.
+subsample), generation-based scoring (`tutor.eval`), and on-policy RL objectives (PPO, GRPO).
 """
 
 from __future__ import annotations
