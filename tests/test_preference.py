@@ -389,6 +389,24 @@ def test_tiny_dpo_run_logs_rewards_and_writes_a_mergeable_adapter(tmp_path):
     merge(str(tmp_path / "tiny"), again.output_dir, tmp_path / "merged2")
 
 
+def test_tiny_orpo_run_is_a_one_line_swap(tmp_path):
+    """method: orpo on the same recipe: no reference, the chosen NLL and the odds-ratio
+    rewards logged; the loss falls."""
+    import json
+
+    from tutor.train import train
+    from tutor.train_config import config_from_dict
+
+    recipe = dpo_recipe(tmp_path, "orpo", method="orpo", preference={"orpo_lambda": 0.5})
+    out = train(config_from_dict(recipe)).output_dir
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "loss" in x]
+    assert len(steps) == 4 and all({"nll_loss", "rewards/margins"} <= x.keys() for x in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert steps[0]["loss"] > steps[0]["nll_loss"]  # − λ · log σ(·) is positive
+    assert sum("eval_nll_loss" in x for x in lines) == 2  # validation before and after
+
+
 def test_missing_init_adapter_names_the_recipe_that_makes_it(tmp_path, monkeypatch):
     from tutor.errors import TutorError
     from tutor.train import train
