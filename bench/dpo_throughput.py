@@ -28,17 +28,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import LORA, LR, SEED, native_bf16, peft_lora  # noqa: E402
+from train_throughput import (  # noqa: E402  (the SFT bench's settings and runner)
+    LORA,
+    LR,
+    SEED,
+    native_bf16,
+    peft_lora,
+    run_each,
+    save_results,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 PAIRS = ROOT / "tutor" / "configs" / "data" / "pico_pairs.jsonl"
 MAX_LENGTH, ROWS, BETA = 512, 2, 0.1
 CONTEXT = ("The Tutor Lab teaches people to fine-tune small language models on laptops, "
@@ -160,25 +166,9 @@ def main() -> None:
     if args.one:
         print("ROW " + json.dumps(one(args.one, args.steps, args.long_prompt)), flush=True)
         return
-    rows = []
-    for name in args.only.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--one", name, "--steps",
-                               str(args.steps), "--long-prompt", str(args.long_prompt)],
-                              cwd=ROOT, capture_output=True, text=True)
-        row = next((line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")),
-                   None)
-        if row is None:
-            print(f"{name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-            continue
-        rows.append(json.loads(row))
-        print(f"{name}: {rows[-1]}", flush=True)
-    text = table(rows)
-    print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (RESULTS / f"dpo_throughput-{stamp}.md").write_text(text + "\n")
-    (RESULTS / f"dpo_throughput-{stamp}.json").write_text(json.dumps(rows, indent=2) + "\n")
-
+    rows = run_each(__file__, args.only.split(","),
+                    ["--steps", str(args.steps), "--long-prompt", str(args.long_prompt)])
+    save_results("dpo_throughput", rows, table(rows))
 
 if __name__ == "__main__":
     main()
