@@ -41,6 +41,11 @@ def test_load_pairs_reads_every_pair_shape_into_one_form(tmp_path):
     ds = load_pairs(write(tmp_path, records))
     assert ds.column_names == ["prompt", "chosen", "rejected"]
     assert ds.to_list() == [{"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]}] * 4
+    assert load_pairs(ds).to_list() == ds.to_list()  # a Dataset of pairs reads as it is
+    csv = tmp_path / "pairs.csv"  # flat columns: the standard (string) format
+    csv.write_text('prompt,chosen,rejected\nWho made you?,"The Tutor Lab made me.",'
+                   'OpenAI made me.\n')
+    assert load_pairs(csv).to_list() == ds.to_list()[:1]
     system = {"prompt": "Who made you?", "system": "Be brief.", "chosen": "a", "rejected": "b"}
     assert load_pairs(write(tmp_path, [system]))["prompt"][0] == [
         {"role": "system", "content": "Be brief."}, USER]
