@@ -301,9 +301,16 @@ def main() -> None:
     if args.one:
         print("ROW " + json.dumps(one(args.one, args.steps)), flush=True)
         return
+    rows = run_each(__file__, args.only.split(","), ["--steps", str(args.steps)])
+    save_results("train_throughput", rows, table(rows))
+
+
+def run_each(script: str, names: list[str], options: list[str]) -> list[dict]:
+    """Run `script --one NAME *options` in a subprocess per configuration, one after the
+    other (each its own peak RSS); collect the JSON row each prints after ``ROW ``."""
     rows = []
-    for name in args.only.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps)],
+    for name in names:
+        proc = subprocess.run([sys.executable, script, "--one", name, *options],
                               cwd=ROOT, capture_output=True, text=True)
         row = next((line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")), None)
         if row is None:
@@ -311,12 +318,16 @@ def main() -> None:
             continue
         rows.append(json.loads(row))
         print(f"{name}: {rows[-1]}", flush=True)
-    text = table(rows)
+    return rows
+
+
+def save_results(bench: str, rows: list[dict], text: str) -> None:
+    """Print the table; keep it and the rows in bench/results/, time-stamped."""
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (RESULTS / f"train_throughput-{stamp}.md").write_text(text + "\n")
-    (RESULTS / f"train_throughput-{stamp}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (RESULTS / f"{bench}-{stamp}.md").write_text(text + "\n")
+    (RESULTS / f"{bench}-{stamp}.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -90,12 +90,13 @@ def test_every_shipped_recipe_validates(name):
 
 def test_recipe_list_covers_the_issue():
     expected = {"smollm2_135m_qlora_assistant", "smollm2_135m_lora_geography",
-                "smollm2_135m_pretrain_corpus", "qwen2_5_0_5b_instruct_qlora",
+                "smollm2_135m_pretrain_corpus", "smollm2_135m_dpo_pico",
+                "qwen2_5_0_5b_instruct_qlora",
                 "internlm2_chat_7b_qlora_oasst1", "llama3_8b_instruct_qlora"}
     names = set(list_recipes())
     assert expected <= names and {f"{n}_deepspeed" for n in expected - {
         "smollm2_135m_qlora_assistant", "smollm2_135m_lora_geography",
-        "smollm2_135m_pretrain_corpus"}} <= names
+        "smollm2_135m_pretrain_corpus", "smollm2_135m_dpo_pico"}} <= names
 
 
 def test_cli_list_and_copy_cfg(tmp_path, capsys):

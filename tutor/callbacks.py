@@ -244,25 +244,51 @@ class MetricsCallback(TrainerCallback):
 def plot_loss(log_history: list[dict[str, Any]], path: Path) -> Path | None:
     """Draw training loss (and validation loss, where logged) against step into `path`.
 
-    PNG, written atomically. Nothing is drawn (None) before the first loss is logged.
+    Preference runs (`tutor.preference_train`) also log reward margins and accuracies: they
+    get a second panel (margin on the left axis, accuracy 0..1 on the right; validation
+    points as circles). PNG, written atomically. Nothing is drawn (None) before the first
+    loss is logged.
     """
-    curves = {"training": [(h["step"], h["loss"]) for h in log_history if "loss" in h],
-              "validation": [(h["step"], h["eval_loss"]) for h in log_history
-                             if "eval_loss" in h]}
+    curves = _curves(log_history, "loss")
     if not any(curves.values()):
         return None
     from matplotlib.figure import Figure  # no pyplot: no global backend, no open figures
 
-    fig = Figure(figsize=(5, 3), dpi=100)
-    ax = fig.subplots()
-    for (label, points), marker in zip(curves.items(), (".", "o"), strict=True):
-        if points:
-            ax.plot(*zip(*points, strict=True), marker=marker, label=label)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (answer tokens)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    margins = _curves(log_history, "rewards/margins")
+    accuracies = _curves(log_history, "rewards/accuracies")
+    preference = any(margins.values())
+    fig = Figure(figsize=(5, 5.5 if preference else 3), dpi=100)
+    axes = fig.subplots(2 if preference else 1, 1, sharex=True, squeeze=False)[:, 0]
+    _draw(axes[0], curves, "")
+    axes[0].set_ylabel("preference loss" if preference else "loss (answer tokens)")
+    if preference:
+        _draw(axes[1], margins, "margin, ")
+        axes[1].set_ylabel("reward margin (chosen − rejected)")
+        right = axes[1].twinx()
+        _draw(right, accuracies, "accuracy, ", color="tab:green", linestyle="--")
+        right.set_ylim(-0.05, 1.05)
+        right.set_ylabel("preference accuracy")
+        right.legend(loc="lower right", fontsize="small")
+        axes[1].legend(loc="upper left", fontsize="small")
+    axes[0].legend()
+    axes[-1].set_xlabel("optimizer step")
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png")
     return path
+
+
+def _curves(log_history: list[dict[str, Any]], key: str) -> dict[str, list[tuple[int, float]]]:
+    """Training and validation (``eval_`` + key) points of one logged statistic."""
+    return {"training": [(h["step"], h[key]) for h in log_history if key in h],
+            "validation": [(h["step"], h[f"eval_{key}"]) for h in log_history
+                           if f"eval_{key}" in h]}
+
+
+def _draw(ax: Any, curves: dict[str, list[tuple[int, float]]], label: str,
+          color: str | None = None, linestyle: str = "-") -> None:
+    for (name, points), marker in zip(curves.items(), (".", "o"), strict=True):
+        if points:
+            ax.plot(*zip(*points, strict=True), marker=marker, label=f"{label}{name}",
+                    color=color, linestyle=linestyle)
+    ax.grid(alpha=0.3)

@@ -25,8 +25,18 @@ a row. Incremental pretraining (``[{"role": "assistant", "content": text}]``) us
 template: ``[BOS] + text + EOS``, with BOS only if the tokenizer adds one to plain text,
 and every text token plus EOS trained.
 
+Preference pairs (`load_pairs`, `encode_pair`): one prompt, a chosen and a rejected answer.
+Each side is encoded exactly as `encode` encodes prompt + answer; ``prompt_length`` p says how
+many leading tokens the two sides share and may store once when packed (`tutor.packing.
+pack_pairs`)::
+
+    chosen    <|im_start|>user⏎Hi<|im_end|>⏎<|im_start|>assistant⏎ Hello! <|im_end|>⏎
+    rejected  <|im_start|>user⏎Hi<|im_end|>⏎<|im_start|>assistant⏎ Go away. <|im_end|>⏎
+              └──────────────── p shared tokens ───────────────┘⏎  (token p: untrained too)
+
 Not handled: packing (``tutor.packing``), padding, left truncation, tool messages, and
-slow (non-"fast") tokenizers, which cannot report character offsets.
+slow (non-"fast") tokenizers, which cannot report character offsets. Pairs are never
+truncated (a cut answer loses its end-of-turn token, and DPO would prefer the cut).
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 from tutor.common import IGNORE_INDEX, Message, Sample
 from tutor.errors import TutorError
-from tutor.formats import iter_conversations, validate_messages
+from tutor.formats import PAIRS_FORMAT, iter_conversations, iter_pairs, validate_messages
 from tutor.quiet import no_progress_bars
 from tutor.templates import ChatTemplate, Segment, get_template
 
@@ -284,3 +294,137 @@ def _cache_file(dataset: datasets.Dataset, kwargs: dict[str, Any], cache_dir: st
     key = Hasher.hash([dataset._fingerprint, kwargs, step, __version__])
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     return str(Path(cache_dir) / f"{step}-{key}.arrow")
+
+
+# ---------------------------------------------------------------- preference pairs
+
+PairSample = dict[str, Any]  # {"chosen": Sample, "rejected": Sample, "prompt_length": int}
+
+
+def load_pairs(path_or_dataset: Any, format: str = "auto") -> datasets.Dataset:
+    """Read preference pairs (a .jsonl/.json/.csv file or a `datasets.Dataset`; record formats
+    in `tutor.formats`) into a Dataset with columns ``prompt`` (messages ending with a user
+    turn), ``chosen`` and ``rejected`` (lists of assistant messages, normally one). The first
+    bad record raises `TutorError` naming ``file:line``. `format`: "auto" or "pairs" (every
+    pair shape is told apart by its keys)."""
+    import datasets
+
+    if format not in ("auto", PAIRS_FORMAT):
+        raise TutorError(f"load_pairs: format={format!r}; use auto or {PAIRS_FORMAT}")
+    rows = [pair for _, pair in iter_pairs(path_or_dataset)]
+    return datasets.Dataset.from_dict({k: [r[i] for r in rows] for i, k in
+                                       enumerate(("prompt", "chosen", "rejected"))})
+
+
+def encode_pair(
+    prompt: Sequence[Message],
+    chosen: Sequence[Message],
+    rejected: Sequence[Message],
+    tokenizer: PreTrainedTokenizerBase,
+    template: str | ChatTemplate = "auto",
+    max_length: int | None = None,
+) -> PairSample:
+    """Encode one preference pair: ``{"chosen": {"input_ids", "labels"}, "rejected": {...},
+    "prompt_length": p}``.
+
+    Each side is `encode(prompt + answer)`, except that any assistant turn *inside the prompt*
+    is context, not trained (its labels are -100; a single-turn prompt changes nothing). p is
+    the largest count such that both sides have the same tokens ``[0, p)`` and no trained
+    token in ``[0, p]``: the shared prompt, minus its last token (normally the end of the
+    assistant header), so that each side's own span begins with an untrained token.
+
+    Raises `TutorError` (one line) when: the prompt's tokens are not a prefix of
+    prompt + answer (BPE merged the end of the prompt with the answer's first characters),
+    a side has no trained token, chosen and rejected are the same tokens, or a side is
+    longer than `max_length` (pairs are never truncated; `encode_pairs` drops and counts
+    them instead).
+    """
+    _check_options(max_length, "all")
+    tmpl = _template(template, tokenizer)
+    prompt = list(prompt)
+    prompt_ids = tokenizer(tmpl.render(prompt, add_generation_prompt=True),
+                           add_special_tokens=False)["input_ids"]
+    sides = {}
+    for name, answer in (("chosen", chosen), ("rejected", rejected)):
+        sample, _ = encode_sample(prompt + list(answer), tokenizer, tmpl, None, "all")
+        ids, n = sample["input_ids"], len(prompt_ids)
+        if ids[:n] != prompt_ids:
+            raise TutorError(f"{name}: the prompt's {n} tokens are not a prefix of prompt + "
+                             f"{name} (the answer's first characters merge with the end of the "
+                             "prompt; does it start with whitespace?)")
+        labels = [IGNORE_INDEX] * n + sample["labels"][n:]  # the prompt is context
+        if all(label == IGNORE_INDEX for label in labels):
+            raise TutorError(f"{name}: no trainable token (an empty answer with a template "
+                             "that has no end-of-turn text)")
+        if max_length is not None and len(ids) > max_length:
+            raise TutorError(f"{name}: {len(ids)} tokens, longer than max_length={max_length} "
+                             "(pairs are not truncated)")
+        sides[name] = {"input_ids": ids, "labels": labels}
+    c, r = sides["chosen"], sides["rejected"]
+    if c["input_ids"] == r["input_ids"]:
+        raise TutorError("chosen and rejected are the same tokens: nothing to prefer")
+    return {**sides, "prompt_length": _shared_untrained(c, r)}
+
+
+def _shared_untrained(a: Sample, b: Sample) -> int:
+    """Largest p with a, b equal on [0, p) and untrained on [0, p] (see `encode_pair`)."""
+    p = 0
+    while (p + 1 < min(len(a["input_ids"]), len(b["input_ids"]))
+           and a["input_ids"][p] == b["input_ids"][p]
+           and a["labels"][p + 1] == b["labels"][p + 1] == IGNORE_INDEX
+           and a["labels"][p] == IGNORE_INDEX):
+        p += 1
+    return p
+
+
+@dataclass
+class PairReport:
+    """What `encode_pairs` did: every dropped pair is counted and named."""
+
+    pairs: int
+    kept: int
+    too_long: list[str] = field(default_factory=list)  # where each dropped pair came from
+    tokens: int = 0  # both sides of the kept pairs, the prompt counted twice
+
+    def __str__(self) -> str:
+        where = f" ({', '.join(self.too_long[:5])})" if self.too_long else ""
+        return (f"{self.pairs} pairs: {self.kept} kept, {len(self.too_long)} dropped as longer "
+                f"than max_length{where}; {self.tokens} tokens")
+
+
+def encode_pairs(
+    pairs: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    template: str | ChatTemplate = "auto",
+    max_length: int | None = None,
+) -> tuple[list[PairSample], PairReport]:
+    """`encode_pair` on every row of a `load_pairs` Dataset. Pairs with a side longer than
+    `max_length` are dropped and counted (with a warning); any other problem raises,
+    naming the row."""
+    for col in ("prompt", "chosen", "rejected"):
+        if col not in pairs.column_names:
+            raise TutorError(f"the dataset needs prompt/chosen/rejected columns (has "
+                             f"{pairs.column_names}); read it with tutor.data.load_pairs")
+    out: list[PairSample] = []
+    report = PairReport(pairs=len(pairs), kept=0)
+    for i, row in enumerate(pairs):
+        try:
+            sample = encode_pair(row["prompt"], row["chosen"], row["rejected"], tokenizer,
+                                 template)
+        except TutorError as exc:
+            raise TutorError(f"dataset row {i}: {exc}") from exc
+        if max_length is not None and max(pair_lengths(sample)[:2]) > max_length:
+            report.too_long.append(f"row {i}")
+            continue
+        out.append(sample)
+        report.tokens += sum(pair_lengths(sample)[:2])
+    report.kept = len(out)
+    if report.too_long:
+        warnings.warn(f"encode_pairs: {report}", stacklevel=2)
+    return out, report
+
+
+def pair_lengths(pair: PairSample) -> tuple[int, int, int]:
+    """(chosen tokens, rejected tokens, prompt_length) of an `encode_pair` result."""
+    return len(pair["chosen"]["input_ids"]), len(pair["rejected"]["input_ids"]), \
+        pair["prompt_length"]

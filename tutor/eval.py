@@ -10,6 +10,11 @@ Two measurements per file, both comparable before and after training:
   answer tokens is averaged over all of them (token-weighted, like one packed batch of
   the whole file). None when the file has no reference answer.
 
+Preference-pair files (records with ``chosen`` and ``rejected``; `tutor.data.load_pairs`) are
+scored by `preference_accuracy` instead: the fraction of pairs whose chosen answer the model
+finds more likely than the rejected one (summed log-probs, DPO's measure, and per token), and
+the mean margin, each pair packed with its prompt once (`tutor.packing.pack_pairs`).
+
 Records may be ``{"question", "expected"[, "answer"][, "system"]}`` (the format of
 data/assistant_heldout.jsonl and data/general_probe.jsonl) or any format tutor reads
 (`tutor.formats`): the prompt is the conversation before its last assistant message,
@@ -219,6 +224,93 @@ def evaluate(model: str, paths: Sequence[str | Path], adapter: str | None = None
     session = open_session(model, adapter=adapter, template=template)
     return score_files(session.model, session.tokenizer, session.template, paths,
                        max_new_tokens, echo)
+
+
+@dataclass
+class PreferenceScore:
+    """Held-out preference accuracy of one pair file under one model (no reference):
+    margin = log π(chosen | prompt) − log π(rejected | prompt), summed over answer tokens
+    (DPO's own measure); the per-token margin compares mean log-probs instead, which a
+    long rejected answer cannot lose by length alone."""
+
+    path: str
+    margins: list[float]
+    token_margins: list[float]
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction of pairs whose chosen answer is the more likely one (margin > 0)."""
+        return sum(m > 0 for m in self.margins) / len(self.margins)
+
+    @property
+    def mean_margin(self) -> float:
+        return sum(self.margins) / len(self.margins)
+
+    @property
+    def token_accuracy(self) -> float:
+        """Fraction of pairs whose chosen answer has the higher mean log-prob per token."""
+        return sum(m > 0 for m in self.token_margins) / len(self.token_margins)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pairs": len(self.margins), "accuracy": self.accuracy,
+                "mean_margin": self.mean_margin, "token_accuracy": self.token_accuracy,
+                "mean_token_margin": sum(self.token_margins) / len(self.token_margins)}
+
+
+def is_pair_file(path: str | Path) -> bool:
+    """True when the file's first record is a preference pair (chosen + rejected)."""
+    from tutor.formats import is_pair_record
+
+    return is_pair_record(next(iter(read_records(path)), ("", None))[1])
+
+
+def preference_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                        pairs_path: str | Path, template: str | ChatTemplate = "auto",
+                        pack_length: int = 1024) -> PreferenceScore:
+    """Score every pair of `pairs_path` (`tutor.data.load_pairs`): each answer's summed
+    log-prob, the prompt computed once per pair (`tutor.packing.pack_pairs`, packs of up to
+    `pack_length` tokens, longer pairs alone), in eval mode under inference_mode."""
+    import torch
+
+    from tutor.data import encode_pairs, load_pairs
+    from tutor.packing import SHARE_BACKENDS, collate, pack_pairs
+    from tutor.preference import answer_logps
+    from tutor.validation import keep_4bit_trainable
+
+    attn = model.config._attn_implementation
+    attn = attn if attn in SHARE_BACKENDS else "sdpa"  # flash-attn cannot share the prompt
+    pairs, _report = encode_pairs(load_pairs(pairs_path), tokenizer, template)
+    if not pairs:
+        raise TutorError(f"{pairs_path}: no pair to score")
+    longest = max(len(q["chosen"]["input_ids"]) + len(q["rejected"]["input_ids"])
+                  - q["prompt_length"] for q in pairs)
+    margins, token_margins, was_training = [], [], model.training
+    model.eval()
+    keep_4bit_trainable(model, was_training)  # mid-training: see tutor.validation
+    try:
+        with torch.inference_mode():
+            for pack in pack_pairs(pairs, max(pack_length, longest)):
+                batch = {k: v.to(model.device) for k, v in collate(
+                    [pack], attn, tokenizer.pad_token_id, model.dtype).items()}
+                sums, counts = answer_logps(model, batch, len(pack["indices"]))
+                margins += (sums[0::2] - sums[1::2]).tolist()
+                means = sums / counts.clamp(min=1)
+                token_margins += (means[0::2] - means[1::2]).tolist()
+    finally:
+        model.train(was_training)
+    return PreferenceScore(str(pairs_path), margins, token_margins)
+
+
+def evaluate_pairs(model: str, paths: Sequence[str | Path], adapter: str | None = None,
+                   template: str | None = None) -> list[PreferenceScore]:
+    """`preference_accuracy` of each pair file, the model loaded as `evaluate` loads it."""
+    from tutor.chat_repl import open_session
+    from tutor.train_config import resolve_data_path
+
+    paths = [resolve_data_path(p, "tutor eval") for p in paths]
+    session = open_session(model, adapter=adapter, template=template)
+    return [preference_accuracy(session.model, session.tokenizer, p, session.template)
+            for p in paths]
 
 
 def format_table(columns: Mapping[str, Sequence[FileScore]],

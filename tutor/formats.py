@@ -23,6 +23,10 @@ empty input and no system becomes the same thing, as in XTuner's pretrain map).
 An openai message's content may also be a list of text parts (joined by newlines). A CSV
 column the format does not read is named in one warning.
 
+Preference pairs (one prompt, a chosen and a rejected answer; TRL's standard and
+conversational formats and a ``messages``/``conversations`` variant) are read by `to_pair` /
+`iter_pairs` at the end of this module into three message lists.
+
 Not handled: nested formats inside CSV cells (a CSV holds flat columns only), tool or
 function-call messages, images (an image_url part is refused), text that is not UTF-8
 (UTF-16 is recognised and named), and files that do not fit in memory.
@@ -352,3 +356,82 @@ def _records(source: Any) -> Iterator[tuple[str, Any]]:
         raise TutorError(f"expected a file path or a datasets.Dataset, not {type(source).__name__}")
     for i, row in enumerate(source):
         yield f"dataset row {i}", row
+
+
+# ---------------------------------------------------------------- preference pairs
+#
+# A pair record holds one prompt and two answers to it:
+#
+#   {"prompt": str | [turns], "chosen": str | [turns], "rejected": str | [turns], "system"?}
+#   {"messages" | "conversations": [turns], "chosen": ..., "rejected": ...}   (prompt = the
+#                                                                              conversation)
+#
+# Turns are openai ({"role", "content"}) or ShareGPT ({"from", "value"}) objects; a string
+# prompt is one user turn, a string answer one assistant turn (TRL's standard format; lists
+# are TRL's conversational format). The prompt must end with a user turn; each answer is one
+# or more assistant turns.
+
+PAIRS_FORMAT = "pairs"  # the --format name of pair files (auto also detects them)
+PAIR_KEYS = ("chosen", "rejected")
+PAIR_PROMPT_KEYS = ("prompt", "messages", "conversations")  # first present wins
+Pair = tuple[list[Message], list[Message], list[Message]]  # (prompt, chosen, rejected)
+
+
+def is_pair_record(record: Any) -> bool:
+    """True for a preference-pair record (it has both ``chosen`` and ``rejected``)."""
+    return isinstance(record, Mapping) and all(k in record for k in PAIR_KEYS)
+
+
+def _pair_turns(value: Any, key: str, role: str, where: str) -> list[Message]:
+    """A string (one `role` turn) or a list of openai/ShareGPT turns, as messages."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    turns = _list({key: value}, key, where)
+    messages: list[Message] = []
+    for i, t in enumerate(turns):
+        at = f"{where}: {key}[{i}]"
+        t = _turn(t, ("role", "content"), at)
+        if "from" in t:
+            speaker = _text(t, "from", at)
+            if speaker not in SHAREGPT_ROLES:
+                raise TutorError(f"{at}: 'from' is '{speaker}'; expected one of "
+                                 f"{', '.join(SHAREGPT_ROLES)}")
+            messages.append({"role": SHAREGPT_ROLES[speaker], "content": _text(t, "value", at)})
+        else:
+            messages.append({"role": _text(t, "role", at), "content": _text(t, "content", at)})
+    return messages
+
+
+def to_pair(record: Any, where: str) -> Pair:
+    """One pair record → ``(prompt, chosen, rejected)`` message lists, validated: the prompt
+    ends with a user turn, each answer holds assistant turns only. TutorError names `where`."""
+    if not isinstance(record, Mapping):
+        raise TutorError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    key = next((k for k in PAIR_PROMPT_KEYS if k in record), None)
+    if key is None or not is_pair_record(record):
+        raise TutorError(f"{where}: expected a preference pair with keys prompt (or messages/"
+                         f"conversations), chosen, rejected (got {sorted(record)})")
+    prompt = _system(record, where) + _pair_turns(record[key], key, "user", where)
+    if prompt[-1]["role"] != "user":
+        raise TutorError(f"{where}: the prompt must end with a user turn, "
+                         f"not {prompt[-1]['role']}")
+    chosen, rejected = (_pair_turns(record[k], k, "assistant", where) for k in PAIR_KEYS)
+    for k, answer in zip(PAIR_KEYS, (chosen, rejected), strict=True):
+        roles = {m["role"] for m in answer}
+        if roles != {"assistant"}:
+            raise TutorError(f"{where}: '{k}' must hold assistant turns only "
+                             f"(got {', '.join(sorted(roles))})")
+        validate_messages(prompt + answer, f"{where}: prompt + {k}")
+    return prompt, chosen, rejected
+
+
+def iter_pairs(source: Any) -> Iterator[tuple[str, Pair]]:
+    """Yield ``(where, (prompt, chosen, rejected))`` for a file path or a `datasets.Dataset`
+    of pair records (see above). The first bad record raises; an empty source too."""
+    empty = True
+    for where, record in _records(source):
+        empty = False
+        yield where, to_pair(record, where)
+    if empty:
+        name = source if isinstance(source, (str, Path)) else "the dataset"
+        raise TutorError(f"{name}: no records")

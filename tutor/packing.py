@@ -29,6 +29,10 @@ of the copies are saved. Only samples whose prefix and the token after it are un
 share (the first token after the prefix would otherwise be predicted from the previous
 sample). Under dropout the copies would draw different masks and the one prefix draws one.
 
+Preference pairs (:func:`pack_pairs`) use the same spans: each pair is its chosen side whole,
+then its rejected side continuing the shared prompt's positions, so the prompt is computed once
+per pair and both answers see it; ``pair_ids`` tell the loss which tokens belong to which side.
+
 Not handled here: splitting a long sample across packs (it is truncated or dropped, and
 counted), flex-attention block masks, packing for generation (no KV cache), and models
 whose loss is not transformers' ``ForCausalLMLoss``.
@@ -189,12 +193,9 @@ def pack(
     >>> [seq_lens(p) for p in pack([s(3), s(6), s(2), s(4)], 8, strategy="greedy")]
     [[3], [6, 2], [4]]
     """
-    if strategy not in STRATEGIES:
-        raise TutorError(f"pack: strategy={strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    _check_options("pack", strategy, max_length)
     if overflow not in OVERFLOWS:
         raise TutorError(f"pack: overflow={overflow!r}; choose one of {', '.join(OVERFLOWS)}")
-    if not isinstance(max_length, int) or max_length < 1:
-        raise TutorError(f"pack: max_length must be a positive int, got {max_length!r}")
     kept: dict[int, Sample] = {}
     truncated = dropped = 0
     for i, s in enumerate(samples):
@@ -225,6 +226,13 @@ def pack(
     saved = sum(len(pre) * (len(b) - 1) for b, pre in bins)
     return Packs(packs, max_length, strategy, truncated, dropped,
                  [len(p["input_ids"]) for p in packs], saved)
+
+
+def _check_options(caller: str, strategy: str, max_length: Any) -> None:
+    if strategy not in STRATEGIES:
+        raise TutorError(f"{caller}: strategy={strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if not isinstance(max_length, int) or max_length < 1:
+        raise TutorError(f"{caller}: max_length must be a positive int, got {max_length!r}")
 
 
 def _join(samples: list[Sample], indices: list[int], prefix: Sequence[int] = ()) -> Pack:
@@ -270,6 +278,95 @@ def _shares(s: Sample, prefix: Sequence[int]) -> bool:
     p = len(prefix)
     return (p > 0 and len(s["input_ids"]) > p and s["input_ids"][:p] == list(prefix)
             and all(t == IGNORE_INDEX for t in s["labels"][:p + 1]))
+
+
+def pack_pairs(
+    pairs: Iterable[Mapping[str, Any]],
+    max_length: int,
+    strategy: str = "bfd",
+    seed: int | None = None,
+) -> Packs:
+    """Pack preference pairs (`tutor.data.encode_pair` results), the prompt once per pair.
+
+    A pair is never split across packs. In its pack it takes ``len(chosen) + len(rejected)
+    - p`` tokens (p = its ``prompt_length``): chosen whole (positions ``0..``), then rejected
+    without its first p tokens, its positions continuing from p, so it attends to the p
+    prompt tokens of its chosen span and to itself (the shared-prefix spans of
+    `tutor.attention`). Each pack also carries ``pair_ids``, one per token: 2k for pair k's
+    chosen span (prompt included), 2k+1 for its rejected span; ``indices`` names the pairs.
+    One pair, prompt ``P P P`` (p = 3), untrained header end ``h``, answers ``c c`` / ``r``::
+
+        input_ids     P P P h c c | h r       position_ids  0 1 2 3 4 5 | 3 4
+        pair_ids      0 0 0 0 0 0 | 1 1       labels        - - - - c c | - r
+        mask (query ↓, key →):
+            1 . . . . . . .
+            1 1 . . . . . .
+            1 1 1 . . . . .
+            1 1 1 1 . . . .
+            1 1 1 1 1 . . .
+            1 1 1 1 1 1 . .
+            1 1 1 . . . 1 .     rejected's h: the prompt, not chosen's h c c
+            1 1 1 . . . 1 1
+
+    Every token computes what it computes in prompt + answer alone (tests/test_pairs.py), so
+    the per-sequence log-probabilities are exact while the prompt is computed once, not twice
+    (``saved`` counts the tokens). A pair longer than `max_length` is left out and counted in
+    ``dropped``. `strategy` and `seed` as in `pack` (each pair is one item of its length).
+
+    Not handled: flash-attention's varlen kernels (cu_seqlens only: no shared prefix; use
+    sdpa_varlen, sdpa or eager), pairs whose answers share trained tokens (p stops before
+    the first trained token, which is correct but shares less).
+    """
+    _check_options("pack_pairs", strategy, max_length)
+    kept: dict[int, Mapping[str, Any]] = {}
+    lengths: dict[int, int] = {}
+    dropped = 0
+    for i, pair in enumerate(pairs):
+        n = _check_pair(i, pair)
+        if n > max_length:
+            dropped += 1
+            continue
+        kept[i], lengths[i] = pair, n
+    order = list(kept)
+    rng = random.Random(seed)
+    if seed is not None:
+        rng.shuffle(order)
+    bins = (_bfd if strategy == "bfd" else _greedy)(lengths, order, max_length)
+    if seed is not None and strategy == "bfd":
+        rng.shuffle(bins)  # otherwise the longest pairs would all come first
+    packs = [_join_pairs([kept[i] for i in b], b) for b in bins]
+    return Packs(packs, max_length, strategy, 0, dropped, [len(p["input_ids"]) for p in packs],
+                 sum(q["prompt_length"] for q in kept.values()))
+
+
+def _check_pair(i: int, pair: Any) -> int:
+    """Tokens pair `i` takes in a pack, or a TutorError naming what is wrong with it."""
+    if not isinstance(pair, Mapping) or not {"chosen", "rejected", "prompt_length"} <= set(pair):
+        raise TutorError(f"pair {i}: expected a dict with chosen, rejected and prompt_length "
+                         "(from tutor.data.encode_pair)")
+    c, r = pair["chosen"], pair["rejected"]
+    for side in (c, r):
+        _check_sample(i, side)
+    p = pair["prompt_length"]
+    if not (isinstance(p, int) and 0 <= p < min(len(c["input_ids"]), len(r["input_ids"]))
+            and c["input_ids"][:p] == r["input_ids"][:p]
+            and all(t == IGNORE_INDEX for s in (c, r) for t in s["labels"][:p + 1])):
+        raise TutorError(f"pair {i}: prompt_length={p!r} is not a shared, untrained prefix "
+                         "of chosen and rejected (plus the token after it)")
+    return len(c["input_ids"]) + len(r["input_ids"]) - p
+
+
+def _join_pairs(pairs: list[Mapping[str, Any]], indices: list[int]) -> Pack:
+    """The pairs one after the other, each laid out as in `pack_pairs`."""
+    parts = [_join([q["chosen"], q["rejected"]], [i, i],
+                   q["chosen"]["input_ids"][:q["prompt_length"]])
+             for q, i in zip(pairs, indices, strict=True)]
+    out: Pack = {k: [x for part in parts for x in part[k]]
+                 for k in ("input_ids", "labels", "position_ids")}
+    out["indices"] = list(indices)
+    out["pair_ids"] = [2 * k + side for k, q in enumerate(pairs)
+                       for side, n in enumerate(seq_lens(parts[k])) for _ in range(n)]
+    return out
 
 
 def seq_lens(p: Pack) -> list[int]:
@@ -337,6 +434,13 @@ def collate(
             1 1 1 1 .
             . . . . p
 
+    Pair packs (`pack_pairs`) add ``pair_ids`` (B, L) long: pair k of the batch, counted in
+    pack order, has 2k on its chosen span and 2k+1 on its rejected span; padding is -1 (in
+    the flattened varlen row too). Sum per-token log-probabilities by it to get each
+    sequence's (only tokens whose label is not -100 count). The model does not take
+    ``pair_ids``: pop it before ``model(**batch)``. A batch mixing pair and sample packs is
+    refused.
+
     Not handled: packs longer than you can afford as an L×L mask (it is O(L²) memory).
     """
     import torch
@@ -354,21 +458,35 @@ def collate(
             raise TutorError(
                 f"collate: pack {r} lacks input_ids/labels/position_ids; build it with pack()"
             )
+    paired = sum("pair_ids" in p for p in packs)
+    if paired:
+        if paired < len(packs):
+            raise TutorError("collate: some packs hold pairs (pack_pairs) and some samples "
+                             "(pack); batch them apart")
+        if attn_implementation not in SHARE_BACKENDS:
+            raise TutorError(f"collate: pair packs need one of {', '.join(SHARE_BACKENDS)}; "
+                             f"{attn_implementation} cannot let rejected see the shared prompt")
+        packs = _renumber_pairs(packs)
     if varlen:
         packs = [_flatten(packs)]
     B, L = len(packs), max(len(p["input_ids"]) for p in packs)
     input_ids = torch.full((B, L), pad_token_id, dtype=torch.long)
     labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.arange(L).repeat(B, 1)  # (B, L); real part overwritten below
+    pair_ids = torch.full((B, L), -1, dtype=torch.long)  # (B, L); kept only for pair packs
     for r, p in enumerate(packs):
         n = len(p["input_ids"])
         input_ids[r, :n] = torch.tensor(p["input_ids"])
         labels[r, :n] = torch.tensor(p["labels"])
         position_ids[r, :n] = torch.tensor(p["position_ids"])
         position_ids[r, n:] -= n  # the padding tail counts from 0: a block of its own
+        if paired:
+            pair_ids[r, :n] = torch.tensor(p["pair_ids"])
     starts = span_starts(position_ids)  # (B, L) first token of each sample (and padding)
     labels[starts] = IGNORE_INDEX  # never a target for the previous sample's last token
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    if paired:
+        batch["pair_ids"] = pair_ids
     if attn_implementation in MASK_BACKENDS:
         batch["attention_mask"] = _block_mask(position_ids, starts)
         if attn_implementation == "eager":
@@ -377,6 +495,15 @@ def collate(
             batch["attention_mask"] = torch.where(batch["attention_mask"], zero,
                                                   torch.finfo(dtype).min)
     return batch
+
+
+def _renumber_pairs(packs: Sequence[Pack]) -> list[Pack]:
+    """Pair packs with batch-wide pair ids: pair k of the batch (in pack order) → 2k, 2k+1."""
+    out, offset = [], 0
+    for p in packs:
+        out.append({**p, "pair_ids": [offset + x for x in p["pair_ids"]]})
+        offset += 2 * (max(p["pair_ids"]) // 2 + 1)
+    return out
 
 
 def _block_mask(position_ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
@@ -399,7 +526,9 @@ def _block_mask(position_ids: torch.Tensor, starts: torch.Tensor) -> torch.Tenso
 
 def _flatten(packs: Sequence[Pack]) -> Pack:
     """All packs as one long pack (the flash-attention varlen layout)."""
-    return {k: [x for p in packs for x in p[k]] for k in ("input_ids", "labels", "position_ids")}
+    keys = ("input_ids", "labels", "position_ids") + (("pair_ids",) if "pair_ids" in packs[0]
+                                                     else ())
+    return {k: [x for p in packs for x in p[k]] for k in keys}
 
 
 @dataclass

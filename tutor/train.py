@@ -20,8 +20,14 @@ before packing) is packed and collated like the training data and evaluated by T
 own loop (`tutor.validation`): ``eval_loss`` before training, every ``train.eval_steps``
 and at the end, in metrics.jsonl and loss.png beside the training loss.
 
+Preference tuning (``method: dpo | orpo``) takes the same road with pair files: the
+datasets and the validation split are read by `tutor.data.load_pairs`, packed with the
+prompt once per pair (`tutor.preference_train.build_pair_dataset`), and trained by
+`tutor.preference_train.PreferenceTrainer`, whose reference is the model itself with its
+adapter off (or a frozen copy of ``init_adapter``); the chunked loss does not apply there.
+
 Not handled here: multi-dataset sampling by temperature (weights only repeat or
-subsample), generation-based scoring (`tutor.eval`), and RLHF-style objectives.
+subsample), generation-based scoring (`tutor.eval`), and on-policy RL objectives (PPO, GRPO).
 """
 
 from __future__ import annotations
@@ -37,11 +43,11 @@ from typing import TYPE_CHECKING, Any
 
 from tutor.common import CONFIG_FILE, apply_umask
 from tutor.errors import TutorError, warn
+from tutor.recipe_data import check_max_length, split_datasets, weighted
 from tutor.train_config import (
     TrainConfig,
     deepspeed_json,
     load_config,
-    resolve_data_path,
     save_config,
 )
 
@@ -128,8 +134,13 @@ def build_model(cfg: TrainConfig, precision: str | None = None) -> tuple[Any, An
         target_modules=cfg.lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    check_target_modules(cfg, model)  # one line instead of peft's traceback
-    model = get_peft_model(model, lora)
+    if cfg.init_adapter:  # continue an adapter; DPO keeps a frozen copy as its reference
+        from tutor.preference_train import load_policy_adapter
+
+        model = load_policy_adapter(model, cfg.init_adapter, reference=cfg.method == "dpo")
+    else:
+        check_target_modules(cfg, model)  # one line instead of peft's traceback
+        model = get_peft_model(model, lora)
     if cfg.lora.dropout > 0 and model.device.type == "cpu":
         from tutor.lora import use_lora_dropout
 
@@ -192,75 +203,31 @@ def _frozen_to(model: Any, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
-def held_out(n: int, fraction: float, seed: str) -> list[int]:
-    """Sorted indices of the `fraction` of `n` conversations kept for validation.
-
-    At least one is held out and at least one is left to train on; the draw depends only
-    on `seed` and `n` (tutor seeds it with ``"{train.seed}:{dataset path}"``), so the same
-    recipe always holds out the same conversations, whatever else changes.
-    """
-    if not 0 < fraction < 1:
-        raise TutorError(f"data.validation: a fraction must be between 0 and 1, not {fraction}")
-    k = max(1, round(fraction * n))
-    if k >= n:
-        raise TutorError(f"data.validation: holding out {k} of {n} conversations leaves "
-                         "none to train on; use a smaller fraction or a validation file")
-    return sorted(random.Random(seed).sample(range(n), k))
-
-
 def load_samples(
     cfg: TrainConfig, tokenizer: Any, split: str = "train"
 ) -> tuple[list[dict[str, list[int]]], list]:
-    """Encode every dataset of the recipe; weights repeat (2.0) or subsample (0.5) it.
-
-    ``split="validation"`` gives the validation samples instead: the file named by
-    ``data.validation``, or each dataset's held-out fraction (`held_out`), unweighted.
-    The fraction is drawn from the conversations *before* encoding, weighting and
-    packing, and the ``"train"`` split leaves exactly those out, so a validation
-    conversation is never trained on. No validation configured: ``([], [])``.
+    """Encode every dataset of the recipe's `split` (`split_datasets`); weights repeat (2.0)
+    or subsample (0.5) it. No validation configured: ``([], [])``.
     Returns the samples (``input_ids``/``labels`` lists) and one EncodeReport per file.
     """
     from tutor.data import encode_dataset, load_conversations
 
-    if not cfg.data.datasets:
-        raise TutorError("data.datasets: the recipe names no dataset")
     check_max_length(cfg, tokenizer)
-    val, validation = cfg.data.validation, split == "validation"
-    files = [(spec.path, spec.format, spec.weight) for spec in cfg.data.datasets]
-    if validation and not isinstance(val, float):
-        files = [(val, "auto", 1.0)] if val else []
     rng = random.Random(cfg.train.seed)
     samples, reports = [], []
-    for path, fmt, weight in files:
-        key = "data.validation" if validation and isinstance(val, str) else "data.datasets"
-        conversations = load_conversations(resolve_data_path(path, key), fmt)
-        if isinstance(val, float):
-            held = held_out(len(conversations), val, f"{cfg.train.seed}:{path}")
-            keep = held if validation else sorted(set(range(len(conversations))) - set(held))
-            conversations = conversations.select(keep)
+    parts = split_datasets(cfg, split, load_conversations)
+    for _, weight, conversations in parts:
         encoded, report = encode_dataset(
             conversations, tokenizer, cfg.template, cfg.data.max_length
         )
         rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in encoded]
-        whole, frac = divmod(1.0 if validation else weight, 1.0)
-        samples += rows * int(whole) + rng.sample(rows, round(frac * len(rows)))
+        samples += weighted(rows, weight, rng)
         reports.append(report)
-    if files and not samples:
+    if parts and not samples:
+        val = isinstance(cfg.data.validation, str) and split == "validation"
+        key = "data.validation" if val else "data.datasets"
         raise TutorError(f"{key}: no sample with a trainable token was left")
     return samples, reports
-
-
-def check_max_length(cfg: TrainConfig, tokenizer: Any) -> None:
-    """data.max_length must hold the template's framing of a one-token exchange plus its
-    answer, else truncation would leave nothing to train in any sample."""
-    from tutor.data import encode
-
-    exchange = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
-    need = len(encode(exchange, tokenizer, cfg.template)["input_ids"])
-    if cfg.data.max_length < need:
-        raise TutorError(f"data.max_length: {cfg.data.max_length} tokens cannot hold even a "
-                         f"one-token exchange in the '{cfg.template}' template ({need} "
-                         "tokens); raise it (recipes use 512 or more)")
 
 
 def single_sample_packs(samples: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
@@ -391,6 +358,7 @@ def training_arguments(cfg: TrainConfig, precision: str, deepspeed: str | None =
         per_device_eval_batch_size=t.batch_size,
         prediction_loss_only=True,  # the loss is all we need: no logits kept or gathered
         label_names=["labels"],
+        remove_unused_columns=cfg.method == "sft",  # pair packs carry pair_ids to the loss
         disable_tqdm=not t.progress_bar,
         save_strategy="steps" if cfg.save.steps > 0 else "no",
         save_steps=max(cfg.save.steps, 1),
@@ -468,7 +436,12 @@ def train(
 
     check_max_length(cfg, load_tokenizer(cfg.model))  # before the model loads and logs
     check_device_options(cfg)
-    check_target_modules(cfg)  # from the config alone, before the weights load
+    if cfg.method != "sft":
+        from tutor.preference_train import check_recipe
+
+        check_recipe(cfg)
+    elif not cfg.init_adapter:
+        check_target_modules(cfg)  # from the config alone, before the weights load
     with claim_output_dir(cfg.output_dir, resume, overwrite):
         return _train(cfg, resume, deepspeed, callbacks)
 
@@ -478,17 +451,20 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed: str | None,
     """`train` once output_dir is claimed: model, data, Trainer, saved results."""
     from tutor.callbacks import EvaluateChatCallback, MetricsCallback, ThroughputCallback
     from tutor.measure import optimizer_held_bytes
-    from tutor.validation import EvaluateAtEnd, ValidationTrainer
+    from tutor.validation import EvaluateAtEnd
 
     resume_from, start_step = resume_point(cfg.output_dir) if resume else (None, 0)
     precision = resolve_precision(cfg.train.precision)
     model, tokenizer = build_model(cfg, precision)
     attn = model.config._attn_implementation
-    dataset, collator, reports = build_dataset(cfg, tokenizer, attn, model.dtype)
+    build = build_dataset
+    if cfg.method != "sft":
+        from tutor.preference_train import build_pair_dataset as build
+    dataset, collator, reports = build(cfg, tokenizer, attn, model.dtype)
     for spec, report in zip(cfg.data.datasets, reports, strict=True):
         log.info("%s: %s", spec.path, report)
-    validation, eval_collator, val_reports = build_dataset(cfg, tokenizer, attn, model.dtype,
-                                                              split="validation")
+    validation, eval_collator, val_reports = build(cfg, tokenizer, attn, model.dtype,
+                                                   split="validation")
     val = cfg.data.validation  # a fraction: one report per dataset; a file: one report
     val_paths = [s.path for s in cfg.data.datasets] if isinstance(val, float) else [val]
     for path, report in zip(val_paths[:len(val_reports)], val_reports, strict=True):
@@ -496,14 +472,14 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed: str | None,
     args = training_arguments(cfg, precision, deepspeed, validate=validation is not None)
     throughput = ThroughputCallback(collator, model, resume_from)
     chat = EvaluateChatCallback(cfg, tokenizer)
-    trainer = ValidationTrainer(
+    trainer = make_trainer(
+        cfg,
         model=model,
         args=args,
         train_dataset=dataset,
         eval_dataset=validation,
         data_collator=collator,
         eval_collator=eval_collator,
-        loss_chunk=resolve_chunked_loss(cfg, model, _zero_stage(args) == 3),
         callbacks=[chat, throughput, MetricsCallback(cfg),
                    *([EvaluateAtEnd()] if validation is not None else []), *callbacks],
     )
@@ -520,6 +496,22 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed: str | None,
         {**output.metrics, **throughput.summary(), **held}, trainer.state.log_history,
         chat.answers, reports, start_step, scores=chat.scores,
     )
+
+
+def make_trainer(cfg: TrainConfig, **kwargs: Any) -> Any:
+    """The Trainer for `cfg.method`: `tutor.validation.ValidationTrainer` (SFT, with the
+    chunked loss where it applies) or `tutor.preference_train.PreferenceTrainer` (dpo, orpo)."""
+    if cfg.method == "sft":
+        from tutor.validation import ValidationTrainer
+
+        zero3 = _zero_stage(kwargs["args"]) == 3
+        return ValidationTrainer(loss_chunk=resolve_chunked_loss(cfg, kwargs["model"], zero3),
+                                 **kwargs)
+    from tutor.preference_train import PreferenceTrainer
+
+    p = cfg.preference
+    return PreferenceTrainer(method=cfg.method, beta=p.beta, loss_type=p.loss_type,
+                             orpo_lambda=p.orpo_lambda, **kwargs)
 
 
 def _zero_stage(args: Any) -> int:

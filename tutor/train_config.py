@@ -119,6 +119,15 @@ class EvaluationSection:
 
 
 @dataclass
+class PreferenceSection:
+    """DPO / ORPO on preference pairs (``method: dpo | orpo``; tutor.preference)."""
+
+    beta: float = 0.1  # DPO: how far the policy may move from the reference (larger = less)
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # DPO's loss, as TRL defines them
+    orpo_lambda: float = 0.1  # ORPO: weight of the odds-ratio term beside the chosen NLL
+
+
+@dataclass
 class TrainConfig:
     model: str  # bundled name, local directory or hub id (tutor.models.load)
     output_dir: str
@@ -129,6 +138,12 @@ class TrainConfig:
     train: OptimSection = field(default_factory=OptimSection)
     save: SaveSection = field(default_factory=SaveSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    # sft: conversations; dpo / orpo: preference pairs (tutor.data.load_pairs) in data.datasets
+    method: Literal["sft", "dpo", "orpo"] = "sft"
+    preference: PreferenceSection = field(default_factory=PreferenceSection)
+    # An adapter to start from (an adapter dir, a run's output_dir or one of its checkpoints),
+    # trained further as the policy; under dpo it is also the frozen reference.
+    init_adapter: str | None = None
     attn_implementation: Literal["auto", "sdpa_varlen", "sdpa", "eager",
                                  "flash_attention_2"] = "auto"
     deepspeed: str | None = None  # zero1|zero2|zero3|zero2_offload|zero3_offload or a JSON path
@@ -153,6 +168,7 @@ RANGES: dict[type, dict[str, Range]] = {
                    "logging_steps": AT_LEAST_1, "loss_chunk_size": AT_LEAST_1},
     SaveSection: {"steps": NON_NEGATIVE, "total_limit": AT_LEAST_1},
     EvaluationSection: {"every_n_steps": NON_NEGATIVE, "max_new_tokens": AT_LEAST_1},
+    PreferenceSection: {"beta": POSITIVE, "orpo_lambda": NON_NEGATIVE},
     TrainConfig: {"bits": (lambda v: v in (4, 8), "4, 8 or null")},
 }
 
