@@ -328,7 +328,8 @@ def _cmd_list_cfg(args: argparse.Namespace) -> int:
         cfg = load_config(name)
         method = "full" if cfg.lora is None else ("qlora" if cfg.bits == 4 else "lora")
         ds = f"  deepspeed={cfg.deepspeed}" if cfg.deepspeed else ""
-        print(f"{name:42s} {method:5s} {cfg.model}{ds}")
+        pref = f"  method={cfg.method}" if cfg.method != "sft" else ""  # trains on pairs
+        print(f"{name:42s} {method:5s} {cfg.model}{ds}{pref}")
     return 0
 
 
