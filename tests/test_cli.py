@@ -48,14 +48,18 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def run_offline_bnb(tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
+def run_offline_bnb(tmp_path, *args: str, imported: bool = True,
+                    ) -> subprocess.CompletedProcess[str]:
     """`tutor *args` with bitsandbytes warning as it does offline on AVX512-BF16 CPUs;
-    asserts bitsandbytes' CPU backend was imported (else the test would prove nothing)."""
+    asserts bitsandbytes' CPU backend was imported (else the test would prove nothing), or,
+    with ``imported=False``, that it was not: the command refused before loading a model."""
     marker = tmp_path / "bnb-imported"
+    marker.unlink(missing_ok=True)
     env = {**__import__("os").environ, "BNB_IMPORTED": str(marker)}
     out = subprocess.run([sys.executable, "-c", OFFLINE_BNB, *args], capture_output=True,
                          text=True, env=env)
-    assert marker.is_file(), "bitsandbytes' CPU backend was not imported on this path"
+    assert marker.is_file() == imported, (
+        f"bitsandbytes' CPU backend was {'not ' if imported else ''}imported on this path")
     return out
 
 

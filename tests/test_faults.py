@@ -74,8 +74,10 @@ def test_convert_merge_and_chat_refuse_a_truncated_adapter(made, tmp_path):
     bad = shutil.copytree(adapter, tmp_path / "adapter")
     truncate(bad / WEIGHTS)
     damaged = damaged.replace(str(ckpt), str(bad))
-    one_line_error(run_offline_bnb(tmp_path, "merge", str(base), str(bad), str(tmp_path / "m")),
-                   damaged)
+    # merge refuses the adapter before it imports peft (so bitsandbytes never loads); chat
+    # after peft and bitsandbytes are imported, whose offline warning must not show
+    one_line_error(run_offline_bnb(tmp_path, "merge", str(base), str(bad), str(tmp_path / "m"),
+                                   imported=False), damaged)
     one_line_error(run_offline_bnb(tmp_path, "chat", str(base), "--adapter", str(bad),
                                    "--prompt", "hi"), damaged)
     assert listing(tmp_path) == ["adapter", "bnb-imported", "checkpoint-2"]  # no OUT, no temp
@@ -92,7 +94,9 @@ def test_adapter_config_whose_r_disagrees_with_the_weights(made, tmp_path):
         r"'base_model\.model\.model\.layers\.\d\.\w+\.\w+_proj\.lora_[AB]\.weight' has rank 4 "
         r"\(shape \[\d+, \d+\]\): the config does not belong to these weights; restore the "
         r"adapter_config.json saved with them\n")
-    for out in (run_offline_bnb(tmp_path, "merge", str(base), str(bad), str(tmp_path / "m")),
+    # merge refuses before it imports peft (bitsandbytes never loads), chat after
+    for out in (run_offline_bnb(tmp_path, "merge", str(base), str(bad), str(tmp_path / "m"),
+                                imported=False),
                 run_offline_bnb(tmp_path, "chat", str(base), "--adapter", str(bad),
                                 "--prompt", "hi")):
         assert out.returncode == 2 and line.fullmatch(out.stderr), out.stderr[-3000:]
