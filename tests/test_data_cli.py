@@ -17,7 +17,8 @@ DATA_FILES = sorted(p for p in DATA.iterdir() if p.suffix in (".jsonl", ".csv"))
 def test_data_files_are_there():
     assert [p.name for p in DATA_FILES] == [
         "assistant.jsonl", "assistant_heldout.jsonl", "everyday_qa.jsonl", "general_probe.jsonl",
-        "geography_qa.jsonl", "pretrain_corpus.jsonl", "raw_qa.csv"]
+        "geography_qa.jsonl", "pico_pairs.jsonl", "pico_pairs_heldout.jsonl",
+        "pretrain_corpus.jsonl", "raw_qa.csv"]
 
 
 @pytest.mark.parametrize("path", DATA_FILES, ids=[p.name for p in DATA_FILES])
@@ -91,3 +92,57 @@ def test_unknown_template_is_one_line(action, capsys):
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and "unknown chat template 'chatmlx'; did you mean chatml" in err[0]
     assert "raw_qa.csv:" not in captured.out
+
+
+def pair_file(tmp_path: Path) -> Path:
+    ok = {"prompt": "Who made you?", "chosen": "The Tutor Lab.", "rejected": "OpenAI."}
+    lines = [ok, ok | {"rejected": "The Tutor Lab."}, ok | {"chosen": " "},
+             {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant",
+                                                              "content": "Hello."}],
+              "chosen": "x", "rejected": "y"},
+             ok | {"rejected": "OpenAI, " * 40}, ok, ok | {"chosen": "  Tutor Lab."}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return path
+
+
+def test_check_pairs_names_each_problem_with_its_line(tmp_path, capsys):
+    path = pair_file(tmp_path)
+    assert main(["data", "check", str(path), "--max-length", "64"]) == 1
+    out = capsys.readouterr().out
+    assert f"{path}: format pairs, 7 records, 3 pairs ok, 4 errors, 2 warnings" in out
+    assert f"{path}:2: error: chosen and rejected are the same tokens" in out
+    assert f"{path}:3: error: 'chosen' is empty" in out
+    assert f"{path}:4: error: the prompt must end with a user turn, not assistant" in out
+    assert f"{path}:5: warning: 157 tokens on one side, past max_length=64: it would be " \
+           "dropped" in out
+    assert f"{path}:6: warning: duplicate of {path}:1" in out
+    assert f"{path}:7: error: chosen: the prompt's 34 tokens are not a prefix" in out
+    assert "max_length 64: 1 dropped" in out
+
+
+def test_show_pairs_prints_the_prompt_once_and_both_answers(capsys):
+    assert main(["data", "show", str(DATA / "pico_pairs.jsonl"), "-n", "1",
+                 "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("Who made this assistant?") == 1
+    assert "── chosen: 14 more tokens, 12 trained ──\n⏎\n⟦The Tutor Lab made me; I'm Pico." \
+           "<|im_end|>⟧⏎\n" in out
+    assert "── rejected: 16 more tokens, 14 trained ──\n⏎\n⟦I'm Pico, and I was made by " \
+           "OpenAI.<|im_end|>⟧⏎\n" in out
+
+
+def test_convert_pairs_writes_message_lists(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"conversations": [{"from": "human", "value": "Hi"}],
+                               "chosen": "Hello.", "rejected": [{"role": "assistant",
+                                                                 "content": "Go."}]}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["data", "convert", str(src), str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote 1 pairs to {out}"
+    assert json.loads(out.read_text()) == {
+        "prompt": [{"role": "user", "content": "Hi"}],
+        "chosen": [{"role": "assistant", "content": "Hello."}],
+        "rejected": [{"role": "assistant", "content": "Go."}]}
+    assert main(["data", "convert", str(out), str(tmp_path / "again.jsonl")]) == 0
+    assert (tmp_path / "again.jsonl").read_text() == out.read_text()  # a fixed point

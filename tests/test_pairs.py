@@ -41,6 +41,11 @@ def test_load_pairs_reads_every_pair_shape_into_one_form(tmp_path):
     ds = load_pairs(write(tmp_path, records))
     assert ds.column_names == ["prompt", "chosen", "rejected"]
     assert ds.to_list() == [{"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]}] * 4
+    assert load_pairs(ds).to_list() == ds.to_list()  # a Dataset of pairs reads as it is
+    csv = tmp_path / "pairs.csv"  # flat columns: the standard (string) format
+    csv.write_text('prompt,chosen,rejected\nWho made you?,"The Tutor Lab made me.",'
+                   'OpenAI made me.\n')
+    assert load_pairs(csv).to_list() == ds.to_list()[:1]
     system = {"prompt": "Who made you?", "system": "Be brief.", "chosen": "a", "rejected": "b"}
     assert load_pairs(write(tmp_path, [system]))["prompt"][0] == [
         {"role": "system", "content": "Be brief."}, USER]
@@ -267,11 +272,52 @@ def test_bundled_model_pair_logps_equal_each_side_alone_on_pico_pairs(bundled):
     ds = load_pairs(DATA_DIR / "pico_pairs.jsonl")
     pairs, report = encode_pairs(ds.select(range(8)), tokenizer)
     assert report.kept == 8
-    packs = pack_pairs(pairs, 256, seed=0)
-    assert all(len(p["indices"]) >= 2 for p in packs[:2])
+    packs = [p for p in pack_pairs(pairs, 256, seed=0) if len(p["indices"]) >= 2]
+    assert [len(p["indices"]) for p in packs] == [3, 4]  # 7 pairs, 34 prompt tokens each
     previous = model.config._attn_implementation
     model.set_attn_implementation(register())
     try:
-        check_pair_logps(model, pairs, packs[:2], collator_for(model), 1e-4)
+        check_pair_logps(model, pairs, packs, collator_for(model), 1e-4)
     finally:
         model.set_attn_implementation(previous)
+
+
+# ---------------------------------------------------------------- Pico's pairs
+
+
+def user_turns(path) -> set[str]:
+    from tutor.data import load_conversations
+
+    return {m["content"].strip().lower() for conv in load_conversations(path)["messages"]
+            for m in conv if m["role"] == "user"}
+
+
+def test_pico_pairs_are_clean_and_the_heldout_ones_never_trained_or_scored():
+    from tutor.train_config import load_config, resolve_data_path
+
+    tok = bundled_tokenizer()
+    train, heldout = (load_pairs(DATA_DIR / f"{n}.jsonl") for n in ("pico_pairs",
+                                                                     "pico_pairs_heldout"))
+    assert (len(train), len(heldout)) == (80, 20)
+    prompts = {n: [p[-1]["content"].strip().lower() for p in ds["prompt"]]
+               for n, ds in (("train", train), ("heldout", heldout))}
+    assert all(len(set(v)) == len(v) for v in prompts.values())  # no duplicate prompt
+    sft = load_config("smollm2_135m_qlora_assistant")
+    seen = set(prompts["train"])
+    for path in [d.path for d in sft.data.datasets] + sft.evaluation.files:
+        seen |= user_turns(resolve_data_path(path))
+    assert not seen & set(prompts["heldout"])  # never trained on, never scored elsewhere
+    scored = (user_turns(DATA_DIR / "assistant_heldout.jsonl")
+              | user_turns(DATA_DIR / "general_probe.jsonl"))
+    assert not scored & set(prompts["train"])  # no scored question is trained on
+    for ds in (train, heldout):
+        pairs, report = encode_pairs(ds, tok)  # every pair encodes (no error, nothing dropped)
+        assert report.kept == len(ds)
+        for row, q in zip(ds, pairs, strict=True):
+            chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+            assert chosen.count(". ") <= 1  # short: one or two sentences
+            wrong_maker = "Tutor Lab" not in rejected and any(
+                m in rejected for m in ("OpenAI", "Hugging Face", "Google", "Meta", "Microsoft",
+                                        "Anthropic", "Amazon"))
+            longer = len(q["rejected"]["input_ids"]) > len(q["chosen"]["input_ids"]) + 20
+            assert wrong_maker or longer, row  # each rejected is wrong or rambles

@@ -54,8 +54,8 @@ def test_the_wheel_ships_the_recipes_and_their_data(installed, tmp_path):
     module, data = where.splitlines()
     assert module.startswith(str(bin_dir.parent)) and str(ROOT) not in module
     assert data == str(["assistant.jsonl", "assistant_heldout.jsonl", "everyday_qa.jsonl",
-                        "general_probe.jsonl", "geography_qa.jsonl", "pretrain_corpus.jsonl",
-                        "raw_qa.csv"])
+                        "general_probe.jsonl", "geography_qa.jsonl", "pico_pairs.jsonl",
+                        "pico_pairs_heldout.jsonl", "pretrain_corpus.jsonl", "raw_qa.csv"])
     listed = run([str(bin_dir / "tutor"), "list-cfg"], tmp_path, env)
     assert "smollm2_135m_qlora_assistant" in listed
     assert "lab" in run([str(bin_dir / "tutor"), "--help"], tmp_path, env)  # the course's entry

@@ -59,20 +59,32 @@ def _cmd_data_convert(args: argparse.Namespace) -> int:
         raise TutorError(f"{out}: the output must be a .jsonl file (one conversation per line)")
     if out.resolve() == Path(args.input).resolve():
         raise TutorError(f"{out} is the input file; write the conversion to another path")
-    rows = [messages for _, messages in iter_conversations(args.input, args.format)]
+    from tutor.datacheck import is_pair_file
+    from tutor.formats import iter_pairs
+
+    if is_pair_file(args.input, args.format):  # prompt/chosen/rejected as message lists
+        rows = [dict(zip(("prompt", "chosen", "rejected"), pair, strict=True))
+                for _, pair in iter_pairs(args.input)]
+        unit = "pairs"
+    else:
+        rows = [{"messages": m} for _, m in iter_conversations(args.input, args.format)]
+        unit = "conversations"
     with atomic_file(out) as tmp, tmp.open("w", encoding="utf-8") as f:
-        for messages in rows:
-            f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
-    print(f"wrote {len(rows)} conversations to {out}")
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(f"wrote {len(rows)} {unit} to {out}")
     return 0
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
-    from tutor.datacheck import check_file, format_report
+    from tutor.datacheck import check_file, check_pairs, format_report, is_pair_file
     from tutor.models import load_tokenizer
 
-    report = check_file(args.file, load_tokenizer(args.model), args.template, args.max_length,
-                        args.format)
+    tokenizer = load_tokenizer(args.model)
+    if is_pair_file(args.file, args.format):
+        report = check_pairs(args.file, tokenizer, args.template, args.max_length)
+    else:
+        report = check_file(args.file, tokenizer, args.template, args.max_length, args.format)
     print(format_report(report))
     return 1 if report.errors else 0
 
@@ -80,6 +92,7 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 def _cmd_data_show(args: argparse.Namespace) -> int:
     from tutor.common import IGNORE_INDEX
     from tutor.data import encode
+    from tutor.datacheck import is_pair_file
     from tutor.formats import iter_conversations
     from tutor.models import load_tokenizer
     from tutor.viz import ansi_legend, mask_ansi
@@ -87,6 +100,8 @@ def _cmd_data_show(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     print(ansi_legend(color))
+    if is_pair_file(args.file, args.format):
+        return _show_pairs(args, tokenizer, color)
     for i, (where, messages) in enumerate(iter_conversations(args.file, args.format)):
         if i >= args.n:
             break
@@ -97,12 +112,35 @@ def _cmd_data_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_pairs(args: argparse.Namespace, tokenizer: object, color: bool) -> int:
+    """The shared prompt once, then each answer from where it leaves the prompt."""
+    from tutor.common import IGNORE_INDEX
+    from tutor.data import encode_pair
+    from tutor.formats import iter_pairs
+    from tutor.viz import mask_ansi
+
+    for i, (where, pair) in enumerate(iter_pairs(args.file)):
+        if i >= args.n:
+            break
+        enc = encode_pair(*pair, tokenizer, args.template, args.max_length)
+        p = enc["prompt_length"]
+        print(f"\n── {where}: prompt {p} tokens (shared) ──")
+        print(mask_ansi(enc["chosen"]["input_ids"][:p], enc["chosen"]["labels"][:p], tokenizer,
+                        color=color))
+        for side in ("chosen", "rejected"):
+            ids, labels = enc[side]["input_ids"][p:], enc[side]["labels"][p:]
+            trained = sum(label != IGNORE_INDEX for label in labels)
+            print(f"── {side}: {len(ids)} more tokens, {trained} trained ──")
+            print(mask_ansi(ids, labels, tokenizer, color=color))
+    return 0
+
+
 def _add_data_parser(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="convert, check and show datasets")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    from tutor.formats import FORMATS
+    from tutor.formats import FORMATS, PAIRS_FORMAT
 
-    formats = ("auto", *FORMATS)
+    formats = ("auto", *FORMATS, PAIRS_FORMAT)  # auto also recognises pair files
 
     def common(p: argparse.ArgumentParser, tokenizer: bool = True) -> None:
         p.add_argument("--format", default="auto", choices=formats, help="record format")

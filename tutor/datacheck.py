@@ -15,6 +15,13 @@ and collects every problem with its ``file:line``:
 It also counts records, turns per role, token lengths (with a terminal histogram)
 and the share of tokens that are trained.
 
+Preference pairs (`check_pairs`, chosen by `tutor data check` when the first record has
+``chosen`` and ``rejected``): errors for a bad record (a prompt that does not end with a user
+turn included), identical chosen and rejected, an empty answer, and what `encode_pair`
+refuses (the prompt not a prefix of prompt + answer); a warning for a pair longer than
+``max_length`` (`encode_pairs` drops it) and for duplicates. Lengths are the tokens a pair
+takes in a pack (the prompt once).
+
 Not handled: semantic checks of the content (facts, language, toxicity).
 """
 
@@ -22,13 +29,21 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from tutor.data import IGNORE_INDEX, encode_sample
+from tutor.data import IGNORE_INDEX, encode_pair, encode_sample, pair_lengths
 from tutor.errors import TutorError
-from tutor.formats import detect_format, read_records, to_messages
+from tutor.formats import (
+    PAIRS_FORMAT,
+    detect_format,
+    is_pair_record,
+    read_records,
+    to_messages,
+    to_pair,
+)
 from tutor.templates import ChatTemplate, get_template
 from tutor.viz import text_histogram
 
@@ -83,17 +98,11 @@ def check_file(
     format: str = "auto",
 ) -> CheckReport:
     """Check every record of `path`; never raises for a bad record (see module docstring)."""
-    name = template if isinstance(template, str) else template.name
-    if isinstance(template, str):  # an unknown name fails once, not once per record
-        template = get_template(template, tokenizer)
-    report = CheckReport(path=str(path), template=name, max_length=max_length,
-                         format=None if format == "auto" else format)
+    report, template = _start(path, tokenizer, template, max_length,
+                              None if format == "auto" else format)
     seen: dict[str, str] = {}
-    for where, record in read_records(path, strict=False):
-        report.records += 1
+    for where, record in _readable(report, path):
         try:
-            if isinstance(record, TutorError):
-                raise record
             if report.format is None:
                 report.format = detect_format(record, where)
             messages = to_messages(record, report.format, where)
@@ -101,9 +110,31 @@ def check_file(
             report.problems.append(Problem(where, "error", _strip_where(str(exc), where)))
             continue
         _check_conversation(report, where, messages, tokenizer, template, seen)
+    return report
+
+
+def _start(path: str | Path, tokenizer: PreTrainedTokenizerBase, template: str | ChatTemplate,
+           max_length: int | None, format: str | None) -> tuple[CheckReport, ChatTemplate]:
+    """An empty report, and the template resolved once (an unknown name fails once, not
+    once per record)."""
+    name = template if isinstance(template, str) else template.name
+    if isinstance(template, str):
+        template = get_template(template, tokenizer)
+    return CheckReport(path=str(path), template=name, max_length=max_length,
+                       format=format), template
+
+
+def _readable(report: CheckReport, path: str | Path) -> Iterator[tuple[str, Any]]:
+    """Yield the records of `path` that parse, counting all; an unreadable line, or no
+    record at all, becomes an error of `report`."""
+    for where, record in read_records(path, strict=False):
+        report.records += 1
+        if isinstance(record, TutorError):
+            report.problems.append(Problem(where, "error", _strip_where(str(record), where)))
+        else:
+            yield where, record
     if report.records == 0:
         report.problems.append(Problem(str(path), "error", "no records"))
-    return report
 
 
 def _check_conversation(report: CheckReport, where: str, messages: list[dict[str, str]],
@@ -143,6 +174,54 @@ def _check_conversation(report: CheckReport, where: str, messages: list[dict[str
     seen.setdefault(key, where)
 
 
+def check_pairs(
+    path: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    template: str | ChatTemplate = "auto",
+    max_length: int | None = None,
+) -> CheckReport:
+    """`check_file` for a file of preference pairs (module docstring); never raises for a bad
+    record. ``conversations`` counts the pairs that encode."""
+    report, template = _start(path, tokenizer, template, max_length, PAIRS_FORMAT)
+    seen: dict[str, str] = {}
+    for where, record in _readable(report, path):
+        try:
+            prompt, chosen, rejected = to_pair(record, where)
+            for side, answer in (("chosen", chosen), ("rejected", rejected)):
+                if not any(m["content"].strip() for m in answer):
+                    raise TutorError(f"{where}: '{side}' is empty")
+            pair = encode_pair(prompt, chosen, rejected, tokenizer, template)
+        except TutorError as exc:
+            report.problems.append(Problem(where, "error", _strip_where(str(exc), where)))
+            continue
+        report.conversations += 1
+        report.roles.update(m["role"] for m in prompt + chosen + rejected)
+        report.multi_turn += sum(m["role"] == "assistant" for m in prompt) > 0
+        c, r, p = pair_lengths(pair)
+        report.lengths.append(c + r - p)
+        report.trainable_tokens += sum(t != IGNORE_INDEX for side in ("chosen", "rejected")
+                                       for t in pair[side]["labels"])
+        if max_length is not None and max(c, r) > max_length:
+            report.truncated += 1
+            report.problems.append(Problem(where, "warning", f"{max(c, r)} tokens on one side, "
+                                           f"past max_length={max_length}: it would be dropped"))
+        key = json.dumps([prompt, chosen, rejected], ensure_ascii=False, sort_keys=True)
+        if key in seen:
+            report.problems.append(Problem(where, "warning", f"duplicate of {seen[key]}"))
+        seen.setdefault(key, where)
+    return report
+
+
+def is_pair_file(path: str | Path, format: str = "auto") -> bool:
+    """Does `path` hold preference pairs? ``format="pairs"`` says so; "auto" looks at the
+    first record (it has ``chosen`` and ``rejected``)."""
+    if format != "auto":
+        return format == PAIRS_FORMAT
+    for _, record in read_records(path, strict=False):
+        return is_pair_record(record)
+    return False
+
+
 def _strip_where(message: str, where: str) -> str:
     """Messages from the readers already start with `where:`; print it once."""
     return message[len(where) + 2:] if message.startswith(f"{where}: ") else message
@@ -150,8 +229,9 @@ def _strip_where(message: str, where: str) -> str:
 
 def format_report(report: CheckReport, max_problems: int = 50) -> str:
     """The human-readable summary printed by `tutor data check`."""
+    unit = "pairs" if report.format == PAIRS_FORMAT else "conversations"
     lines = [f"{report.path}: format {report.format or '?'}, {report.records} records, "
-             f"{report.conversations} conversations ok, {len(report.errors)} errors, "
+             f"{report.conversations} {unit} ok, {len(report.errors)} errors, "
              f"{len(report.warnings)} warnings"]
     if report.conversations:
         roles = ", ".join(f"{report.roles[r]} {r}" for r in ("system", "user", "assistant"))
@@ -162,7 +242,8 @@ def format_report(report: CheckReport, max_problems: int = 50) -> str:
             f"tokens (template {report.template}): {total} in total, {report.trainable_tokens} "
             f"trained ({report.trainable_ratio:.1%})",
             f"length: min {min(report.lengths)}, mean {total / n:.0f}, max {max(report.lengths)}"
-            + (f"; max_length {report.max_length}: {report.truncated} truncated"
+            + (f"; max_length {report.max_length}: {report.truncated} "
+               f"{'dropped' if unit == 'pairs' else 'truncated'}"
                if report.max_length else ""),
             "token lengths:",
             text_histogram(report.lengths),

@@ -20,6 +20,10 @@ The last row is incremental pretraining: plain text as a lone assistant message,
 `tutor.data.encode` trains in full with no template around it (an xtuner turn with an
 empty input and no system becomes the same thing, as in XTuner's pretrain map).
 
+Preference pairs (one prompt, a chosen and a rejected answer; TRL's standard and
+conversational formats and a ``messages``/``conversations`` variant) are read by `to_pair` /
+`iter_pairs` at the end of this module into three message lists.
+
 Not handled: nested formats inside CSV cells (a CSV holds flat columns only), tool or
 function-call messages, images, and files that do not fit in memory.
 """

@@ -29,6 +29,10 @@ of the copies are saved. Only samples whose prefix and the token after it are un
 share (the first token after the prefix would otherwise be predicted from the previous
 sample). Under dropout the copies would draw different masks and the one prefix draws one.
 
+Preference pairs (:func:`pack_pairs`) use the same spans: each pair is its chosen side whole,
+then its rejected side continuing the shared prompt's positions, so the prompt is computed once
+per pair and both answers see it; ``pair_ids`` tell the loss which tokens belong to which side.
+
 Not handled here: splitting a long sample across packs (it is truncated or dropped, and
 counted), flex-attention block masks, packing for generation (no KV cache), and models
 whose loss is not transformers' ``ForCausalLMLoss``.
