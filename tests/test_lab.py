@@ -58,6 +58,12 @@ CASES = [
     ("09.2", 7, 8, "fewer do too"),  # ZeRO-3 on 24 GiB cards
     ("09.2", 7.0, 16, "that is the answer for ZeRO-2"),
     ("08.2", "</s>", "<|im_end|>", "ChatML"),
+    ("10.1", 0.693147, 0.5, "σ(0)"),  # log 2
+    # mean of −log σ(β·margin), margins (7, 5.5, −1.75, 9.5); without the reference (28, 24.5,
+    # 0.75, 39)
+    ("10.2", {0.01: 0.668374, 0.1: 0.492526, 0.5: 0.330944, 1.0: 0.478822},
+     {0.01: 0.586873, 0.1: 0.204549, 0.5: 0.130782, 1.0: 0.096718}, "left out the reference"),
+    ("10.3", (0.75, 0.75), (0.75, 1.0), "multiplies both rewards"),
 ]
 # These load the bundled model (bf16, or fp32 for four forward passes).
 SLOW_CASES = [
