@@ -103,7 +103,8 @@ def trl_dpo_batch(policy: Pico, reference: Pico, rows: Sequence[tuple[str, str, 
     examples = [trainer.train_dataset[i] for i in range(len(rows))]
     batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(examples)
     loss = trainer.compute_loss(trainer.model, batch)
-    trl = {"loss": loss.item(), **{k: v[-1] for k, v in trainer._metrics["train"].items()
+    # in eval mode TRL logs the batch's rewards under "eval" (no dropout either way: r=16, 0.0)
+    trl = {"loss": loss.item(), **{k: v[-1] for k, v in trainer._metrics["eval"].items()
                                    if k.startswith("rewards/")}}
     # TRL's tokens, prompt then answer; labels on the answer only, as tutor trains them
     pairs = [{side: {"input_ids": e["prompt_ids"] + e[f"{side}_ids"],
