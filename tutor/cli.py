@@ -162,7 +162,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     # Saving imports DeepSpeed (via accelerate), which logs to stdout; keep stdout for
     # the result line so scripts can parse it.
     with contextlib.redirect_stdout(sys.stderr):
-        report = merge(args.base, args.adapter, args.out, dtype=args.dtype, force=args.force)
+        report = merge(args.base, args.adapter, args.out, dtype=args.dtype, force=args.force,
+                       base_from_nf4=args.base_from_nf4)
     print(report.summary())
     return 0
 
@@ -374,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="where to write the merged model")
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="dtype of the saved merged weights (merging is done in it)")
+    p.add_argument("--base-from-nf4", action="store_true",
+                   help="QLoRA adapters: merge into the NF4 base dequantised as training saw "
+                   "it (bitsandbytes, the run's dtype), so the merged model equals the trained "
+                   "NF4 base+adapter (checked against it); default: the full-precision base, "
+                   "checked against base+adapter")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(handler=_cmd_merge)
 
@@ -396,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-template", metavar="NAME",
                    help="chat template name or 'auto' (default: recorded at training, else auto)")
     p.add_argument("--bits", type=int, choices=BITS, default=None, help="load quantised")
-    p.add_argument("--system", help="system prompt")
+    p.add_argument("--system", help="system prompt (default: the recipe's `system:` recorded "
+                   "with the adapter/model, else the template's own)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)

@@ -66,6 +66,17 @@ def is_pretraining(messages: Sequence[Message]) -> bool:
     return len(messages) == 1 and messages[0]["role"] == "assistant"
 
 
+def with_system(messages: Sequence[Message], system: str | None) -> list[Message]:
+    """`messages` with ``{"role": "system", "content": system}`` put first (a recipe's
+    ``system:`` key). Unchanged when `system` is None (the template's own default then
+    applies), when the conversation already opens with a system turn (its own wins), and
+    for pretraining text (`is_pretraining`: no turns to frame)."""
+    msgs = list(messages)
+    if system is None or not msgs or msgs[0]["role"] == "system" or is_pretraining(msgs):
+        return msgs
+    return [{"role": "system", "content": system}, *msgs]
+
+
 def encode(
     messages: Sequence[Message],
     tokenizer: PreTrainedTokenizerBase,

@@ -122,18 +122,23 @@ def _question_only(record: Mapping[str, Any], where: str) -> list[Message]:
     return messages + [{"role": "user", "content": question}]
 
 
-def load_items(path: str | Path) -> list[Item]:
-    """Read a scoring file (see the module docstring); errors name ``file:line``."""
+def load_items(path: str | Path, system: str | None = None) -> list[Item]:
+    """Read a scoring file (see the module docstring); errors name ``file:line``.
+    `system` opens every record without a system turn (`tutor.data.with_system`)."""
+    from tutor.data import with_system
+
     items, fmt = [], None
     for where, record in read_records(path):
         if not isinstance(record, Mapping):
             raise TutorError(f"{where}: expected a JSON object, got {type(record).__name__}")
         expected = _keywords(record, where)
         if "question" in record and "answer" not in record:
-            items.append(Item(where, _question_only(record, where), expected))
+            items.append(Item(where, with_system(_question_only(record, where), system),
+                              expected))
             continue
         fmt = fmt or detect_format(record, where)
-        messages = validate_messages(to_messages(record, fmt, where), where)
+        messages = with_system(validate_messages(to_messages(record, fmt, where), where),
+                               system)
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         items.append(Item(where, messages[:last], expected, messages))
     if not items:
@@ -186,15 +191,17 @@ def score_items(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
 def score_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                 template: str | ChatTemplate, paths: Sequence[str | Path],
-                max_new_tokens: int = 48, echo: bool = False) -> list[FileScore]:
-    """Score every file in `paths` with one loaded model (in eval mode while scoring)."""
+                max_new_tokens: int = 48, echo: bool = False,
+                system: str | None = None) -> list[FileScore]:
+    """Score every file in `paths` with one loaded model (in eval mode while scoring).
+    `system`: the system prompt of records without one (a recipe's ``system:``)."""
     from tutor.templates import get_template
 
     if isinstance(template, str):
         template = get_template(template, tokenizer=tokenizer)
     from tutor.validation import keep_4bit_trainable
 
-    items = {str(p): load_items(p) for p in paths}  # every file checked before any work
+    items = {str(p): load_items(p, system) for p in paths}  # every file checked before any work
     was_training = model.training
     model.eval()
     keep_4bit_trainable(model, was_training)  # mid-training: see tutor.validation
@@ -209,7 +216,8 @@ def score_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 def evaluate(model: str, paths: Sequence[str | Path], adapter: str | None = None,
              template: str | None = None, max_new_tokens: int = 48,
              echo: bool = False) -> list[FileScore]:
-    """Load `model` (+ `adapter`) exactly as `tutor chat` does and score `paths` (each as
+    """Load `model` (+ `adapter`) exactly as `tutor chat` does (its recorded system prompt
+    included) and score `paths` (each as
     written, else relative to the shipped recipes: ``data/general_probe.jsonl`` works anywhere)."""
     from tutor.chat_repl import open_session
     from tutor.train_config import resolve_data_path
@@ -218,7 +226,7 @@ def evaluate(model: str, paths: Sequence[str | Path], adapter: str | None = None
     paths = [resolve_data_path(p, "tutor eval") for p in paths]
     session = open_session(model, adapter=adapter, template=template)
     return score_files(session.model, session.tokenizer, session.template, paths,
-                       max_new_tokens, echo)
+                       max_new_tokens, echo, system=session.system)
 
 
 def format_table(columns: Mapping[str, Sequence[FileScore]],

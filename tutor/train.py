@@ -82,6 +82,12 @@ def resolve_attention(choice: str) -> str:
     return choice
 
 
+def lora_base_dtype(precision: str) -> str:
+    """The dtype the frozen base of a LoRA/QLoRA run is loaded in for `precision` (a
+    `resolve_precision` result): its half type when training in 16 bits, else float32."""
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+
+
 def build_model(cfg: TrainConfig, precision: str | None = None) -> tuple[Any, Any]:
     """Load the base (quantised if `cfg.bits`), pick attention, wrap in LoRA unless full FT.
 
@@ -92,8 +98,7 @@ def build_model(cfg: TrainConfig, precision: str | None = None) -> tuple[Any, An
     from tutor.models import load
 
     precision = precision or resolve_precision(cfg.train.precision)
-    half = {"bf16": "bfloat16", "fp16": "float16"}.get(precision)
-    dtype = half if (cfg.lora is not None and half) else "float32"
+    dtype = lora_base_dtype(precision) if cfg.lora is not None else "float32"
     model, tokenizer = load(cfg.model, bits=cfg.bits, dtype=dtype)
     attn = resolve_attention(cfg.attn_implementation)
     if model.config._attn_implementation != attn:
@@ -117,7 +122,7 @@ def build_model(cfg: TrainConfig, precision: str | None = None) -> tuple[Any, An
                 and not t.offload_activations)
         if t.gradient_checkpointing and t.offload_activations:  # peft cannot pass `offload`
             model.activation_checkpointing_enable(offload=True)
-        if half:  # the frozen base back to 16 bits: 2 B/param less (1.4 GiB on 7B)
+        if dtype != "float32":  # the frozen base back to 16 bits: 2 B/param less (1.4 GiB on 7B)
             import torch
 
             _frozen_to(model, getattr(torch, dtype))
@@ -180,7 +185,9 @@ def load_samples(
     conversation is never trained on. No validation configured: ``([], [])``.
     Returns the samples (``input_ids``/``labels`` lists) and one EncodeReport per file.
     """
-    from tutor.data import encode_dataset, load_conversations
+    from datasets import Dataset
+
+    from tutor.data import encode_dataset, load_conversations, with_system
 
     if not cfg.data.datasets:
         raise TutorError("data.datasets: the recipe names no dataset")
@@ -194,6 +201,9 @@ def load_samples(
     for path, fmt, weight in files:
         key = "data.validation" if validation and isinstance(val, str) else "data.datasets"
         conversations = load_conversations(resolve_data_path(path, key), fmt)
+        if cfg.system is not None:
+            conversations = Dataset.from_dict(
+                {"messages": [with_system(m, cfg.system) for m in conversations["messages"]]})
         if isinstance(val, float):
             held = held_out(len(conversations), val, f"{cfg.train.seed}:{path}")
             keep = held if validation else sorted(set(range(len(conversations))) - set(held))
