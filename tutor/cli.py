@@ -369,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(handler=_cmd_convert)
 
-    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model and verify it")
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model (--base-from-nf4: "
+                       "into the NF4 base a QLoRA adapter was trained against) and verify it")
     p.add_argument("base", help="the base model the adapter was trained on")
     p.add_argument("adapter", help="adapter dir (from `tutor convert`)")
     p.add_argument("out", help="where to write the merged model")
@@ -387,7 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "against the source")
     p.add_argument("model", help="merged/base model dir or the bundled name")
     p.add_argument("out", help="the .gguf file to write")
-    p.add_argument("--type", default="q8_0", choices=("f16", "bf16", "q8_0", "q4_0"))
+    p.add_argument("--type", default="q8_0", choices=("f16", "bf16", "q8_0", "q4_0"),
+                   help="q4_0 is tutor's own mix, not llama.cpp's Q4_0: 4-bit blocks of 32, but "
+                   "the embedding, attn_v and ffn_down kept at Q8_0 (default: q8_0)")
     p.add_argument("--adapter", help="a LoRA adapter dir to merge into MODEL first")
     p.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile")
     p.add_argument("--prompt-template", metavar="NAME",
@@ -396,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip reloading the file and comparing logits with the source")
     p.set_defaults(handler=_cmd_export)
 
-    p = sub.add_parser("chat", help="talk to a model (+ adapter) in the terminal")
+    p = sub.add_parser("chat", help="talk to a model (+ adapter) in the terminal, under the system "
+                       "prompt recorded at training; --temperature, --top-p, "
+                       "--repetition-penalty sample")
     p.add_argument("model", help="bundled name, merged/model dir or hub id")
     p.add_argument("--adapter", help="a LoRA adapter dir to apply on top of MODEL")
     p.add_argument("--prompt-template", metavar="NAME",

@@ -185,6 +185,58 @@ def scored(pico: Pico | None = None, echo=print) -> dict[str, dict[str, dict[str
     return scores
 
 
+def score(model: Any, tokenizer: Any, pico: Pico) -> dict[str, dict[str, Any]]:
+    """`scored`'s numbers for any `model` (notebook 07 compares merges with the trained
+    model): `SCORED` asked with the run's template and system prompt, not cached."""
+    from tutor.train_config import load_config, resolve_data_path
+
+    cfg = load_config(pico.run / CONFIG_FILE)
+    return _score(model, tokenizer, cfg.template, [resolve_data_path(p) for p in SCORED],
+                  cfg.system)
+
+
+def answer_losses(model: Any, tokenizer: Any, pico: Pico) -> dict[str, float]:
+    """``{file: token-weighted answer loss}`` on the reference answers of `SCORED`, asked
+    with the run's template and system prompt: the scorer's loss column without its greedy
+    answers (seconds, so notebook 06 can score every kept checkpoint)."""
+    from dataclasses import replace
+
+    from tutor.eval import FileScore, load_items, score_items
+    from tutor.templates import get_template
+    from tutor.train_config import load_config, resolve_data_path
+
+    cfg = load_config(pico.run / CONFIG_FILE)
+    template = get_template(cfg.template, tokenizer=tokenizer)
+    out = {}
+    for name in SCORED:
+        items = [replace(i, expected=[]) for i in load_items(resolve_data_path(name), cfg.system)
+                 if i.reference]  # no keywords: nothing is generated
+        out[name] = FileScore(name, score_items(model, tokenizer, template, items)).answer_loss
+    return out
+
+
+def prompt_logits(model: Any, tokenizer: Any, pico: Pico) -> Any:
+    """fp32 logits at every position of every `SCORED` prompt (run's template and system
+    prompt, generation prompt added), stacked: (positions, vocab). Notebook 07 compares
+    models on them."""
+    import torch
+
+    from tutor.eval import load_items
+    from tutor.templates import get_template
+    from tutor.train_config import load_config, resolve_data_path
+
+    cfg = load_config(pico.run / CONFIG_FILE)
+    template = get_template(cfg.template, tokenizer=tokenizer)
+    rows = []
+    for name in SCORED:
+        for item in load_items(resolve_data_path(name), cfg.system):
+            text = template.render(item.prompt, add_generation_prompt=True)
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
+            with torch.inference_mode():
+                rows.append(model(**ids).logits[0].float())  # (T, V)
+    return torch.cat(rows)
+
+
 def _score(model: Any, tokenizer: Any, template: str, paths: Sequence[str],
            system: str | None) -> dict[str, Any]:
     from tutor.demo import IDENTITY
