@@ -137,7 +137,8 @@ def test_pico_experiments_07_2_and_08_2(capsys):
     that the typical mistake gets its hint."""
     from tutor.course import exercises_models as ex
 
-    share = ex._next_token_flips(ex.FLIP_PROMPTS)
+    flips, positions = ex._next_token_flips(ex.FLIP_PROMPTS)
+    share = flips / positions
     assert 0 <= share < 0.5  # the two models mostly agree: the gap is a few positions
     _assert_case(capsys, "07.2", share, 1 - share, "share that agrees")
     _assert_case(capsys, "08.2", _distinct_sampled(), len(ex.SAMPLING["seeds"]) + 5,

@@ -336,9 +336,10 @@ FLIP_PROMPTS = ["Who are you?", "Give me one tip for learning a new language.",
                 "What is the capital of Japan?"]  # 07.2: asked with Pico's system prompt
 
 
-def _next_token_flips(prompts: list[str]) -> float:
-    """Share of prompt positions whose most likely next token differs between fp32 base +
-    Pico's adapter (= the default merge) and NF4 base + adapter (what QLoRA trained)."""
+def _next_token_flips(prompts: list[str]) -> tuple[int, int]:
+    """(positions whose most likely next token differs between fp32 base + Pico's adapter
+    (= the default merge, within 1e-4) and NF4 base + adapter (what QLoRA trained), all
+    prompt positions)."""
     import torch
     from peft import PeftModel
 
@@ -364,15 +365,19 @@ def _next_token_flips(prompts: list[str]) -> float:
             with torch.inference_mode():
                 rows.append(model(**ids).logits[0].argmax(-1))  # (T,)
         top.append(torch.cat(rows))
-    return float((top[0] != top[1]).float().mean())
+    return int((top[0] != top[1]).sum()), len(top[0])
 
 
 @exercise("07.2", "how often the fp32 merge and the trained NF4 model disagree on the next token",
           given=FLIP_PROMPTS)
 def _train_deploy_flips(answer: Any) -> Verdict:
-    share = _next_token_flips(FLIP_PROMPTS)
-    return judge(as_float(answer, "a share between 0 and 1"), share, rel=0.02,
-                 why=f"{share:.1%} of the positions get another most likely next token: the "
+    flips, positions = _next_token_flips(FLIP_PROMPTS)
+    share, got = flips / positions, as_float(answer, "a share between 0 and 1")
+    if abs(got - share) <= 1.01 / positions:  # one position either way: a merged copy rounds
+        got = share  # differently from base + adapter (1e-4), which can flip a near-tie
+    return judge(got, share, rel=1e-9,
+                 why=f"{flips} of {positions} positions ({share:.1%}) get another most likely "
+                     "next token: the "
                      "model you deploy after a default merge is not quite the one QLoRA "
                      "trained; merge --base-from-nf4 deploys the trained one",
                  hint="for each prompt (chat template, Pico's system prompt, generation prompt) "
