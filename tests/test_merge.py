@@ -178,8 +178,7 @@ def test_merge_from_nf4_is_the_trained_model(run, adapter, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tutor.models import compute_dtype, load
-    from tutor.train import lora_base_dtype, resolve_precision
+    from tutor.models import compute_dtype, load, lora_base_dtype, resolve_precision
 
     base, _ = run
     report = merge(str(base), adapter, tmp_path / "nf4", base_from_nf4=True)

@@ -49,7 +49,7 @@ def pick_system(model: str, adapter: str | None, requested: str | None) -> str |
     if str(model).endswith(".gguf") and Path(model).is_file():
         import gguf
 
-        from tutor.export import GGUF_SYSTEM_KEY
+        from tutor.common import GGUF_SYSTEM_KEY
 
         field = gguf.GGUFReader(model).fields.get(GGUF_SYSTEM_KEY)
         return None if field is None else str(field.contents())

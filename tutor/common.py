@@ -2,6 +2,7 @@
 
     raw file → conversations (list[Message]) → encode → Sample → pack → collate → Trainer
                                                                        └→ checkpoint (CONFIG_FILE)
+GGUF_SYSTEM_KEY = "tutor.system"  # GGUF metadata: the recipe's system prompt, when it set one
 
 - `Message`: one turn, ``{"role": "system"|"user"|"assistant", "content": str}``.
 - `Sample`: an encoded conversation, ``{"input_ids": [T], "labels": [T]}``; a label of

@@ -320,7 +320,7 @@ def _load_nf4_base_into(model: PreTrainedModel, base: str, adapter: Path) -> tup
     it; return (probe logits of NF4 base + adapter, the name of their compute dtype).
 
     The run's base is loaded again with `tutor.models.load(bits=4)` in the dtype training
-    loaded it in (`tutor.train.lora_base_dtype` of the precision recorded in the adapter's
+    loaded it in (`tutor.models.lora_base_dtype` of the precision recorded in the adapter's
     metadata; "auto" resolves on this machine). Each 4-bit weight is dequantised with its own
     bitsandbytes quant state; every other weight (embeddings, norms) is taken in that dtype.
     """
@@ -328,8 +328,7 @@ def _load_nf4_base_into(model: PreTrainedModel, base: str, adapter: Path) -> tup
     from bitsandbytes.functional import dequantize_4bit
     from bitsandbytes.nn import Params4bit
 
-    from tutor.models import compute_dtype, load
-    from tutor.train import lora_base_dtype, resolve_precision
+    from tutor.models import compute_dtype, load, lora_base_dtype, resolve_precision
 
     bits = recorded(adapter, "bits")
     if bits not in (None, 4):

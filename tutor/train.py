@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from tutor.common import CONFIG_FILE
 from tutor.errors import TutorError, warn
+from tutor.models import lora_base_dtype, resolve_precision  # noqa: F401 (tutor.train API)
 from tutor.train_config import (
     TrainConfig,
     deepspeed_json,
@@ -50,15 +51,6 @@ if TYPE_CHECKING:
     from transformers import TrainerCallback
 
 log = logging.getLogger("tutor.train")
-
-
-def resolve_precision(choice: str) -> str:
-    """"auto" → the machine's native half precision (`tutor.models.half_precision`), else fp32."""
-    from tutor.models import half_precision
-
-    if choice != "auto":
-        return choice
-    return half_precision() or "fp32"
 
 
 def resolve_attention(choice: str) -> str:
@@ -80,12 +72,6 @@ def resolve_attention(choice: str) -> str:
     if choice == SDPA_VARLEN:
         register()  # transformers knows the name only once it is registered
     return choice
-
-
-def lora_base_dtype(precision: str) -> str:
-    """The dtype the frozen base of a LoRA/QLoRA run is loaded in for `precision` (a
-    `resolve_precision` result): its half type when training in 16 bits, else float32."""
-    return {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
 
 
 def build_model(cfg: TrainConfig, precision: str | None = None) -> tuple[Any, Any]:

@@ -343,14 +343,14 @@ def _next_token_flips(prompts: list[str]) -> tuple[int, int]:
     import torch
     from peft import PeftModel
 
+    from tutor.common import CONFIG_FILE
     from tutor.course.pico import trained
     from tutor.data import with_system
-    from tutor.models import load
-    from tutor.train import lora_base_dtype, resolve_precision
+    from tutor.models import load, lora_base_dtype, resolve_precision
     from tutor.train_config import load_config
 
     pico = trained(echo=lambda _: None)
-    cfg = load_config(pico.run / "tutor_config.yaml")
+    cfg = load_config(pico.run / CONFIG_FILE)
     fp, tok = load(pico.base_model)
     nf4, _ = load(pico.base_model, bits=4, dtype=lora_base_dtype(resolve_precision("auto")))
     top = []
