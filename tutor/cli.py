@@ -376,12 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="where to write the merged model")
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="dtype of the saved merged weights (merging is done in it)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--base-from-nf4", action="store_true",
                    help="QLoRA adapters: merge into the NF4 base dequantised as training saw "
                    "it (bitsandbytes, the run's dtype), so the merged model equals the trained "
                    "NF4 base+adapter (checked against it); default: the full-precision base, "
                    "checked against base+adapter")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(handler=_cmd_merge)
 
     p = sub.add_parser("export", help="write a GGUF file for llama.cpp / Ollama, checked "
