@@ -2,7 +2,6 @@
 
     raw file → conversations (list[Message]) → encode → Sample → pack → collate → Trainer
                                                                        └→ checkpoint (CONFIG_FILE)
-GGUF_SYSTEM_KEY = "tutor.system"  # GGUF metadata: the recipe's system prompt, when it set one
 
 - `Message`: one turn, ``{"role": "system"|"user"|"assistant", "content": str}``.
 - `Sample`: an encoded conversation, ``{"input_ids": [T], "labels": [T]}``; a label of
@@ -32,6 +31,7 @@ IGNORE_INDEX = -100
 Message = Mapping[str, Any]  # {"role": "system"|"user"|"assistant", "content": str}
 Sample = dict[str, list[int]]  # {"input_ids": [T], "labels": [T]} of equal length
 CONFIG_FILE = "tutor_config.yaml"
+GGUF_SYSTEM_KEY = "tutor.system"  # GGUF metadata: the recipe's system prompt, when it set one
 
 
 @contextmanager
