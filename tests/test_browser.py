@@ -25,8 +25,8 @@ the run has finished and the kernel is idle. Then:
   answer to "What is the capital of France?" names Paris.
 
 Screenshots go to ``work_dirs/browser/<notebook>.png``. Per-notebook timeout: 900 s, 1200 s
-for 06 (it trains). Cost: the same cells as nbval's run of the lessons (about 3 min on 2 idle
-cores) plus JupyterLab, Chromium and one kernel start per notebook; the README gives what was
+for 06 and 10 (they train). Cost: the same cells as nbval's run of the lessons (about 3 min on 2
+idle cores) plus JupyterLab, Chromium and one kernel start per notebook; the README gives what was
 measured.
 
 Missing pieces (chromium, chromedriver, selenium, jupyterlab) skip the module with one line

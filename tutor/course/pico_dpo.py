@@ -41,14 +41,15 @@ def trained(sft: Pico | None = None, overrides: Sequence[str] = (), echo=print) 
 def measured(run: Pico) -> dict[str, Any]:
     """``{"accuracy", "mean_margin", "token_accuracy", "mean_token_margin", "pairs",
     "prompts", "answers", "tokens", "words"}`` of base + `run`'s adapter (fp32, greedy,
-    `ANSWER_TOKENS` new tokens), cached as measured.json in `run`'s folder."""
+    `ANSWER_TOKENS` new tokens, the run's template and system prompt), cached as measured.json
+    in `run`'s folder."""
     cached = run.root / MEASURED_FILE
     if cached.is_file():
         return json.loads(cached.read_text(encoding="utf-8"))
     from peft import PeftModel
 
     from tutor.chat import reply_batch
-    from tutor.data import load_pairs
+    from tutor.data import load_pairs, with_system_prompts
     from tutor.eval import preference_accuracy
     from tutor.models import load
     from tutor.templates import get_template
@@ -56,10 +57,11 @@ def measured(run: Pico) -> dict[str, Any]:
 
     base, tokenizer = load(run.base_model)
     model = PeftModel.from_pretrained(base, run.run).eval()
-    template = get_template(load_config(run.run / CONFIG_FILE).template, tokenizer=tokenizer)
+    cfg = load_config(run.run / CONFIG_FILE)
+    template = get_template(cfg.template, tokenizer=tokenizer)
     path = resolve_data_path(HELDOUT)
-    score = preference_accuracy(model, tokenizer, path, template)
-    prompts = load_pairs(path)["prompt"]
+    score = preference_accuracy(model, tokenizer, path, template, system=cfg.system)
+    prompts = with_system_prompts(load_pairs(path), cfg.system)["prompt"]
     answers = reply_batch(model, tokenizer, prompts, ANSWER_TOKENS, template)
     out = {**score.to_json(), "prompts": [p[-1]["content"] for p in prompts], "answers": answers,
            "tokens": [len(tokenizer(a, add_special_tokens=False).input_ids) for a in answers],
@@ -69,9 +71,11 @@ def measured(run: Pico) -> dict[str, Any]:
 
 
 def trl_dpo_batch(policy: Pico, reference: Pico, rows: Sequence[tuple[str, str, str]],
-                  beta: float, workdir: str) -> tuple[Any, dict[str, float], list[dict]]:
-    """TRL's DPOTrainer on `rows` (prompt, chosen, rejected): its loss and mean rewards with
-    `reference`'s adapter as its frozen reference and `policy`'s weights as the policy.
+                  beta: float, workdir: str, system: str | None = None,
+                  ) -> tuple[Any, dict[str, float], list[dict]]:
+    """TRL's DPOTrainer on `rows` (prompt, chosen, rejected; the prompt opened by `system`):
+    its loss and mean rewards with `reference`'s adapter as its frozen reference and
+    `policy`'s weights as the policy.
 
     Returns (the peft model TRL holds: adapters "default" = policy and "ref" = reference, fp32,
     eval mode), TRL's ``{"loss", "rewards/..."}`` and the pairs in TRL's own tokens as
@@ -84,12 +88,13 @@ def trl_dpo_batch(policy: Pico, reference: Pico, rows: Sequence[tuple[str, str, 
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     from tutor.common import IGNORE_INDEX
+    from tutor.data import with_system
     from tutor.models import load
 
     base, tokenizer = load(policy.base_model)
     model = PeftModel.from_pretrained(base, reference.run, is_trainable=True)
     data = datasets.Dataset.from_list([
-        {"prompt": [{"role": "user", "content": q}],
+        {"prompt": with_system([{"role": "user", "content": q}], system),
          "chosen": [{"role": "assistant", "content": c}],
          "rejected": [{"role": "assistant", "content": r}]} for q, c, r in rows])
     args = DPOConfig(output_dir=workdir, use_cpu=True, beta=beta, loss_type=["sigmoid"],
