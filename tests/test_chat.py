@@ -200,6 +200,42 @@ def test_chat_with_empty_stdin_is_a_one_line_error(tmp_path):
     assert out.stderr.startswith(f"tutor: error: no model directory at {tmp_path / 'nope'}")
 
 
+def test_sampling_options_reach_generate(tiny):
+    """top_p so small that only the most likely token is kept samples the greedy answer;
+    a hot temperature with top_p 1 samples other answers; a repetition penalty changes
+    the greedy answer of a model that repeats itself (the random tiny model does)."""
+    import torch
+
+    model, tok = tiny
+    ids = tok.encode("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+                     add_special_tokens=False)
+
+    def run(seed: int, **kw) -> list[int]:
+        torch.manual_seed(seed)
+        settings = GenerationSettings(max_new_tokens=12, **kw)
+        return tok.encode(generate(model, tok, ids, settings).text, add_special_tokens=False)
+
+    greedy = run(0)
+    assert [run(s, temperature=1.0, top_p=1e-6) for s in (1, 2)] == [greedy, greedy]
+    hot = {tuple(run(s, temperature=5.0)) for s in range(4)}
+    assert len(hot) > 1 and tuple(greedy) not in hot
+    assert run(0, repetition_penalty=5.0) != greedy
+
+
+def test_chat_flags_build_the_generation_settings(monkeypatch):
+    from tutor import chat_repl
+    from tutor.cli import main
+
+    seen = {}
+    monkeypatch.setattr(chat_repl, "open_session", lambda model, **kw: seen.update(kw) or 1)
+    monkeypatch.setattr(chat_repl, "run_chat", lambda *a, **kw: 0)
+    assert main(["chat", "m", "--temperature", "0.7", "--top-p", "0.9",
+                 "--repetition-penalty", "1.3", "--system", "Be brief."]) == 0
+    assert seen["settings"] == GenerationSettings(temperature=0.7, top_p=0.9,
+                                                  repetition_penalty=1.3)
+    assert seen["system"] == "Be brief."
+
+
 @pytest.mark.parametrize("bad", [["--bits", "3"], ["--temperature", "x"]])
 def test_chat_rejects_bad_flags(bad):
     out = subprocess.run([*TUTOR, "chat", "m", *bad], capture_output=True, text=True)

@@ -237,6 +237,27 @@ def test_modelfile_text_for_chatml():
         [{"role": "system", "content": "S"}, *conv], add_generation_prompt=True)
 
 
+def test_recipe_system_prompt_reaches_the_gguf_and_the_modelfile(tmp_path):
+    """A recipe's `system:` replaces the template's default in the SYSTEM line, is written
+    as tutor.system in the file, and `tutor chat FILE.gguf` uses it by default."""
+    from tutor.chat_repl import pick_system
+    from tutor.common import GGUF_SYSTEM_KEY
+
+    chatml = get_template("qwen_chat")
+    lines = modelfile_text("pico.gguf", chatml, system="You are Pico.").splitlines()
+    assert 'SYSTEM """You are Pico."""' in lines
+    assert not any("Alibaba" in line for line in lines if line.startswith("SYSTEM"))
+    model, tok = tiny_llama(tmp_path / "src")
+    out = tmp_path / "p.gguf"
+    export_model(model, tok, tmp_path / "src", out, "f16", ("<|im_end|>",), "You are Pico.")
+    assert read_fields(out)[0][GGUF_SYSTEM_KEY] == "You are Pico."
+    assert pick_system(str(out), None, None) == "You are Pico."
+    assert pick_system(str(out), None, "Be brief.") == "Be brief."
+    export_model(model, tok, tmp_path / "src", tmp_path / "n.gguf", "f16", ("<|im_end|>",))
+    assert GGUF_SYSTEM_KEY not in read_fields(tmp_path / "n.gguf")[0]
+    assert pick_system(str(tmp_path / "n.gguf"), None, None) is None
+
+
 def test_modelfile_refuses_templates_it_cannot_express():
     with pytest.raises(TutorError, match="not expressible as an Ollama TEMPLATE"):
         turn_layout(get_template("llama2_chat"))  # system inside the first user turn

@@ -4,6 +4,7 @@ atomic writes, and clear errors for a mismatched base."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -135,3 +136,76 @@ def test_cli_convert_and_merge_report_one_line(run, tmp_path):
     assert again.returncode == 2
     assert again.stderr == (f"tutor: error: {tmp_path / 'a'} already exists; "
                             "choose another OUT or pass --force\n")
+
+
+def test_convert_and_merge_carry_the_recipe_system_prompt(run, tmp_path):
+    import yaml
+
+    from tutor.chat_repl import pick_system
+
+    base, checkpoint = run
+    run_dir = tmp_path / "run"
+    shutil.copytree(checkpoint, run_dir / checkpoint.name)
+    cfg = {"model": str(base), "template": "chatml", "system": "You are Pico.", "bits": 4,
+           "train": {"precision": "fp32"}}
+    (run_dir / "tutor_config.yaml").write_text(yaml.safe_dump(cfg))
+    (run_dir / checkpoint.name / "tutor_config.yaml").unlink()
+    adapter = convert_checkpoint(run_dir / checkpoint.name, tmp_path / "a")
+    meta = json.loads((adapter / "tutor_adapter.json").read_text())
+    assert (meta["system"], meta["bits"], meta["precision"]) == ("You are Pico.", 4, "fp32")
+    assert pick_system(str(base), str(run_dir), None) == "You are Pico."  # a run dir
+    assert pick_system(str(base), str(adapter), None) == "You are Pico."
+    assert pick_system(str(base), str(adapter), "Be brief.") == "Be brief."
+    assert pick_system(str(base), None, None) is None
+    merge(str(base), adapter, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "tutor_model.json").read_text())["system"] == \
+        "You are Pico."
+    assert pick_system(str(tmp_path / "m"), None, None) == "You are Pico."
+
+
+def _logits(model, tok, text="<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n"):
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        return model(**ids).logits.float()
+
+
+def test_merge_from_nf4_is_the_trained_model(run, adapter, tmp_path):
+    """--base-from-nf4: merged = dequant(NF4(W)) + (alpha/r) B A, exactly as bitsandbytes
+    dequantises the base training saw; its logits equal dequantised base + adapter within the
+    fp32 tolerance and bitsandbytes' NF4 base + adapter within the bf16/fp32 compute gap (0.05
+    on this tiny model's logits); the default merge equals fp base + adapter instead."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbf
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tutor.models import compute_dtype, load, lora_base_dtype, resolve_precision
+
+    base, _ = run
+    report = merge(str(base), adapter, tmp_path / "nf4", base_from_nf4=True)
+    assert report.reference == "dequantised NF4 base+adapter"
+    assert report.max_abs_diff <= report.tolerance == 1e-3 and report.runtime_diff is not None
+    assert json.loads((tmp_path / "nf4" / "tutor_model.json").read_text())["base_from_nf4"]
+    # The weight: bitsandbytes' own quantise -> dequantise of W in the run's base dtype.
+    dtype = getattr(torch, lora_base_dtype(resolve_precision("auto")))
+    name = "model.layers.1.mlp.down_proj"
+    w = load_file(base / "model.safetensors")[f"{name}.weight"]
+    packed, state = bnbf.quantize_4bit(w.to(dtype), blocksize=64, quant_type="nf4",
+                                       compress_statistics=True)
+    lora = load_file(adapter / "adapter_model.safetensors")
+    a = lora[f"base_model.model.{name}.lora_A.weight"]  # (r, in)
+    b = lora[f"base_model.model.{name}.lora_B.weight"]  # (out, r)
+    expected = bnbf.dequantize_4bit(packed, state).float() + (8 / 4) * b @ a
+    merged = load_file(tmp_path / "nf4" / "model.safetensors")[f"{name}.weight"]
+    torch.testing.assert_close(merged, expected, rtol=0, atol=1e-6)
+    # The logits, against the trained model loaded independently (NF4 base + adapter).
+    nf4, tok = load(str(base), bits=4, dtype=lora_base_dtype(resolve_precision("auto")))
+    trained = _logits(PeftModel.from_pretrained(nf4, str(adapter)), tok)
+    from_nf4 = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "nf4"), tok)
+    plain = merge(str(base), adapter, tmp_path / "fp")
+    from_fp = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "fp"), tok)
+    # bf16 compute (bitsandbytes on a bf16 CPU) vs fp32: ~1e-2 on this model's small logits
+    tol = 0.05 if compute_dtype() == torch.bfloat16 else 1e-3
+    assert (from_nf4 - trained).abs().max() <= tol and report.runtime_diff <= tol
+    assert (from_fp - trained).abs().max() > 2 * (from_nf4 - trained).abs().max()
+    assert plain.reference == "base+adapter" and plain.max_abs_diff <= 1e-3

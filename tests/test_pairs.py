@@ -321,3 +321,21 @@ def test_pico_pairs_are_clean_and_the_heldout_ones_never_trained_or_scored():
                                         "Anthropic", "Amazon"))
             longer = len(q["rejected"]["input_ids"]) > len(q["chosen"]["input_ids"]) + 20
             assert wrong_maker or longer, row  # each rejected is wrong or rambles
+
+
+def test_with_system_prompts_opens_each_prompt_once():
+    """The recipe's system prompt goes first in every pair's prompt that has none; a prompt
+    with its own system turn keeps it; None changes nothing. Answers are untouched."""
+    import datasets
+
+    from tutor.data import with_system_prompts
+
+    own = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    plain = [{"role": "user", "content": "Who are you?"}]
+    answer = [{"role": "assistant", "content": "Pico."}]
+    pairs = datasets.Dataset.from_dict({"prompt": [own, plain], "chosen": [answer, answer],
+                                        "rejected": [answer, answer]})
+    out = with_system_prompts(pairs, "You are Pico.")
+    assert out["prompt"] == [own, [{"role": "system", "content": "You are Pico."}, *plain]]
+    assert out["chosen"] == pairs["chosen"] and out["rejected"] == pairs["rejected"]
+    assert with_system_prompts(pairs, None) is pairs

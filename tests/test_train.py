@@ -378,3 +378,40 @@ def test_paged_8bit_optimizer_and_offload_train_on_a_gpu(tmp_path):
     assert result.global_step == 3 and result.metrics["optimizer_bytes"] > 0
     curve = losses(result.output_dir)
     assert len(curve) == 3 and all(math.isfinite(x) for x in curve)
+
+
+def test_recipe_system_opens_every_sample_and_is_saved(tmp_path):
+    """`system:` becomes the first turn of every conversation without one (train and
+    validation), exactly the template's system turn; conversations with their own system
+    turn keep it; the resolved config records it."""
+    from tutor.data import load_conversations
+    from tutor.models import load_tokenizer
+    from tutor.train import load_samples
+    from tutor.train_config import resolve_data_path
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    raw = {**MINIMAL, "model": "smollm2-135m-instruct", "system": "You are Pico.",
+           "data": {"datasets": [{"path": "data/assistant.jsonl"}], "validation": 0.1}}
+    cfg = config_from_dict(raw)
+    turn = tok.encode("<|im_start|>system\nYou are Pico.<|im_end|>\n", add_special_tokens=False)
+    default = tok.encode("<|im_start|>system\nYou are a helpful AI assistant named SmolLM",
+                         add_special_tokens=False)
+    for split in ("train", "validation"):
+        samples, _ = load_samples(cfg, tok, split)
+        heads = [s["input_ids"][:len(turn)] for s in samples]
+        assert all(s["labels"][:len(turn)] == [-100] * len(turn) for s in samples)
+        pico = sum(h == turn for h in heads)
+        assert pico >= len(samples) - 6 and pico > 0, split  # 6 records bring their own
+        assert not any(s["input_ids"][:len(default)] == default for s in samples), split
+    train, _ = load_samples(cfg, tok)
+    own = {m[0]["content"] for m in load_conversations(
+        resolve_data_path("data/assistant.jsonl"))["messages"] if m[0]["role"] == "system"}
+    theirs = [s for s in train if s["input_ids"][:len(turn)] != turn]
+    firsts = {tok.decode(s["input_ids"]).split("<|im_end|>")[0] for s in theirs}
+    assert firsts and firsts <= {f"<|im_start|>system\n{text}" for text in own}
+    plain, _ = load_samples(config_from_dict({**raw, "system": None}), tok)
+    assert all(s["input_ids"][:len(turn)] != turn for s in plain)
+    assert sum(s["input_ids"][:len(default)] == default for s in plain) == \
+        len(plain) - len(theirs)
+    assert yaml.safe_load(to_yaml(cfg))["system"] == "You are Pico."
+    assert load_config("smollm2_135m_qlora_assistant").system.startswith("You are Pico")

@@ -45,6 +45,7 @@ class EvaluateChatCallback(TrainerCallback):
 
     def _ask_all(self, model: Any, step: int, is_main: bool) -> None:
         from tutor.chat import reply
+        from tutor.data import with_system
 
         if not self.answers:
             return
@@ -53,8 +54,8 @@ class EvaluateChatCallback(TrainerCallback):
         model.eval()
         keep_4bit_trainable(model, was_training)  # why: tutor.validation's docstring
         for prompt in self.answers:
-            system = [{"role": "system", "content": ev.system}] if ev.system else []
-            messages = [*system, {"role": "user", "content": prompt}]
+            system = ev.system if ev.system is not None else self.cfg.system
+            messages = with_system([{"role": "user", "content": prompt}], system)
             self.answers[prompt][step] = reply(
                 model, self.tokenizer, messages, ev.max_new_tokens, self.cfg.template
             )
@@ -71,7 +72,7 @@ class EvaluateChatCallback(TrainerCallback):
             return
         paths = [resolve_data_path(f, "evaluation.files") for f in ev.files]
         self.scores[when] = score_files(model, self.tokenizer, self.cfg.template, paths,
-                                        ev.max_new_tokens)
+                                        ev.max_new_tokens, system=self.cfg.system)
         if is_main:
             for s in self.scores[when]:
                 print(f"[eval {when}] {s.path}: {s.to_json()}", flush=True)

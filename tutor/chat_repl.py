@@ -38,6 +38,27 @@ def pick_template(model: str, adapter: str | None, requested: str | None) -> str
     return "auto"
 
 
+def pick_system(model: str, adapter: str | None, requested: str | None) -> str | None:
+    """The system prompt: --system, else the recipe's ``system:`` recorded at training
+    (adapter dir, then model dir: tutor's metadata or a run's tutor_config.yaml; a GGUF
+    file's ``tutor.system``), else None (the template's own default)."""
+    from tutor.merge import recorded
+
+    if requested is not None:
+        return requested
+    if str(model).endswith(".gguf") and Path(model).is_file():
+        import gguf
+
+        from tutor.common import GGUF_SYSTEM_KEY
+
+        field = gguf.GGUFReader(model).fields.get(GGUF_SYSTEM_KEY)
+        return None if field is None else str(field.contents())
+    for folder in (adapter, model):
+        if folder and Path(folder).is_dir() and recorded(folder, "system") is not None:
+            return str(recorded(folder, "system"))
+    return None
+
+
 def open_session(
     model: str,
     adapter: str | None = None,
@@ -55,6 +76,7 @@ def open_session(
     from tutor.merge import check_adapter_dir, check_compatible
     from tutor.models import load
 
+    system = pick_system(model, adapter, system)
     if str(model).endswith(".gguf"):
         return _open_gguf(model, adapter, template, bits, system,
                           settings or GenerationSettings(), backend)

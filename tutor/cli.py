@@ -200,7 +200,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     # Saving imports DeepSpeed (via accelerate), which logs to stdout; keep stdout for
     # the result line so scripts can parse it.
     with contextlib.redirect_stdout(sys.stderr):
-        report = merge(args.base, args.adapter, args.out, dtype=args.dtype, force=args.force)
+        report = merge(args.base, args.adapter, args.out, dtype=args.dtype, force=args.force,
+                       base_from_nf4=args.base_from_nf4)
     print(report.summary())
     return 0
 
@@ -437,20 +438,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(handler=_cmd_convert)
 
-    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model and verify it")
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model (--base-from-nf4: "
+                       "into the NF4 base a QLoRA adapter was trained against) and verify it")
     p.add_argument("base", help="the base model the adapter was trained on")
     p.add_argument("adapter", help="adapter dir (from `tutor convert`)")
     p.add_argument("out", help="where to write the merged model")
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="dtype of the saved merged weights (merging is done in it)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--base-from-nf4", action="store_true",
+                   help="QLoRA adapters: merge into the NF4 base dequantised as training saw "
+                   "it (bitsandbytes, the run's dtype), so the merged model equals the trained "
+                   "NF4 base+adapter (checked against it); default: the full-precision base, "
+                   "checked against base+adapter")
     p.set_defaults(handler=_cmd_merge)
 
     p = sub.add_parser("export", help="write a GGUF file for llama.cpp / Ollama, checked "
                        "against the source")
     p.add_argument("model", help="merged/base model dir or the bundled name")
     p.add_argument("out", help="the .gguf file to write")
-    p.add_argument("--type", default="q8_0", choices=("f16", "bf16", "q8_0", "q4_0"))
+    p.add_argument("--type", default="q8_0", choices=("f16", "bf16", "q8_0", "q4_0"),
+                   help="q4_0 is tutor's own mix, not llama.cpp's Q4_0: 4-bit blocks of 32, but "
+                   "the embedding, attn_v and ffn_down kept at Q8_0 (default: q8_0)")
     p.add_argument("--adapter", help="a LoRA adapter dir to merge into MODEL first")
     p.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile")
     p.add_argument("--prompt-template", metavar="NAME",
@@ -459,13 +468,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip reloading the file and comparing logits with the source")
     p.set_defaults(handler=_cmd_export)
 
-    p = sub.add_parser("chat", help="talk to a model (+ adapter) in the terminal")
+    p = sub.add_parser("chat", help="talk to a model (+ adapter) in the terminal, under the system "
+                       "prompt recorded at training; --temperature, --top-p, "
+                       "--repetition-penalty sample")
     p.add_argument("model", help="bundled name, merged/model dir or hub id")
     p.add_argument("--adapter", help="a LoRA adapter dir to apply on top of MODEL")
     p.add_argument("--prompt-template", metavar="NAME",
                    help="chat template name or 'auto' (default: recorded at training, else auto)")
     p.add_argument("--bits", type=int, choices=BITS, default=None, help="load quantised")
-    p.add_argument("--system", help="system prompt")
+    p.add_argument("--system", help="system prompt (default: the recipe's `system:` recorded "
+                   "with the adapter/model, else the template's own)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)

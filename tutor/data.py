@@ -76,6 +76,17 @@ def is_pretraining(messages: Sequence[Message]) -> bool:
     return len(messages) == 1 and messages[0]["role"] == "assistant"
 
 
+def with_system(messages: Sequence[Message], system: str | None) -> list[Message]:
+    """`messages` with ``{"role": "system", "content": system}`` put first (a recipe's
+    ``system:`` key). Unchanged when `system` is None (the template's own default then
+    applies), when the conversation already opens with a system turn (its own wins), and
+    for pretraining text (`is_pretraining`: no turns to frame)."""
+    msgs = list(messages)
+    if system is None or not msgs or msgs[0]["role"] == "system" or is_pretraining(msgs):
+        return msgs
+    return [{"role": "system", "content": system}, *msgs]
+
+
 def encode(
     messages: Sequence[Message],
     tokenizer: PreTrainedTokenizerBase,
@@ -314,6 +325,17 @@ def load_pairs(path_or_dataset: Any, format: str = "auto") -> datasets.Dataset:
     rows = [pair for _, pair in iter_pairs(path_or_dataset)]
     return datasets.Dataset.from_dict({k: [r[i] for r in rows] for i, k in
                                        enumerate(("prompt", "chosen", "rejected"))})
+
+
+def with_system_prompts(pairs: datasets.Dataset, system: str | None) -> datasets.Dataset:
+    """`load_pairs`' rows with `system` opening every prompt (`with_system`; unchanged when
+    `system` is None or a prompt has its own system turn)."""
+    import datasets
+
+    if system is None:
+        return pairs
+    return datasets.Dataset.from_dict({"prompt": [with_system(p, system) for p in pairs["prompt"]],
+                                       "chosen": pairs["chosen"], "rejected": pairs["rejected"]})
 
 
 def encode_pair(

@@ -127,18 +127,23 @@ def _question_only(record: Mapping[str, Any], where: str) -> list[Message]:
     return messages + [{"role": "user", "content": question}]
 
 
-def load_items(path: str | Path) -> list[Item]:
-    """Read a scoring file (see the module docstring); errors name ``file:line``."""
+def load_items(path: str | Path, system: str | None = None) -> list[Item]:
+    """Read a scoring file (see the module docstring); errors name ``file:line``.
+    `system` opens every record without a system turn (`tutor.data.with_system`)."""
+    from tutor.data import with_system
+
     items, fmt = [], None
     for where, record in read_records(path):
         if not isinstance(record, Mapping):
             raise TutorError(f"{where}: expected a JSON object, got {type(record).__name__}")
         expected = _keywords(record, where)
         if "question" in record and "answer" not in record:
-            items.append(Item(where, _question_only(record, where), expected))
+            items.append(Item(where, with_system(_question_only(record, where), system),
+                              expected))
             continue
         fmt = fmt or detect_format(record, where)
-        messages = validate_messages(to_messages(record, fmt, where), where)
+        messages = with_system(validate_messages(to_messages(record, fmt, where), where),
+                               system)
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         items.append(Item(where, messages[:last], expected, messages))
     if not items:
@@ -191,15 +196,17 @@ def score_items(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
 def score_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                 template: str | ChatTemplate, paths: Sequence[str | Path],
-                max_new_tokens: int = 48, echo: bool = False) -> list[FileScore]:
-    """Score every file in `paths` with one loaded model (in eval mode while scoring)."""
+                max_new_tokens: int = 48, echo: bool = False,
+                system: str | None = None) -> list[FileScore]:
+    """Score every file in `paths` with one loaded model (in eval mode while scoring).
+    `system`: the system prompt of records without one (a recipe's ``system:``)."""
     from tutor.templates import get_template
 
     if isinstance(template, str):
         template = get_template(template, tokenizer=tokenizer)
     from tutor.validation import keep_4bit_trainable
 
-    items = {str(p): load_items(p) for p in paths}  # every file checked before any work
+    items = {str(p): load_items(p, system) for p in paths}  # every file checked before any work
     was_training = model.training
     model.eval()
     keep_4bit_trainable(model, was_training)  # mid-training: see tutor.validation
@@ -214,7 +221,8 @@ def score_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 def evaluate(model: str, paths: Sequence[str | Path], adapter: str | None = None,
              template: str | None = None, max_new_tokens: int = 48,
              echo: bool = False) -> list[FileScore]:
-    """Load `model` (+ `adapter`) exactly as `tutor chat` does and score `paths` (each as
+    """Load `model` (+ `adapter`) exactly as `tutor chat` does (its recorded system prompt
+    included) and score `paths` (each as
     written, else relative to the shipped recipes: ``data/general_probe.jsonl`` works anywhere)."""
     from tutor.chat_repl import open_session
     from tutor.train_config import resolve_data_path
@@ -223,7 +231,7 @@ def evaluate(model: str, paths: Sequence[str | Path], adapter: str | None = None
     paths = [resolve_data_path(p, "tutor eval") for p in paths]
     session = open_session(model, adapter=adapter, template=template)
     return score_files(session.model, session.tokenizer, session.template, paths,
-                       max_new_tokens, echo)
+                       max_new_tokens, echo, system=session.system)
 
 
 @dataclass
@@ -266,20 +274,22 @@ def is_pair_file(path: str | Path) -> bool:
 
 def preference_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                         pairs_path: str | Path, template: str | ChatTemplate = "auto",
-                        pack_length: int = 1024) -> PreferenceScore:
+                        pack_length: int = 1024, system: str | None = None) -> PreferenceScore:
     """Score every pair of `pairs_path` (`tutor.data.load_pairs`): each answer's summed
     log-prob, the prompt computed once per pair (`tutor.packing.pack_pairs`, packs of up to
-    `pack_length` tokens, longer pairs alone), in eval mode under inference_mode."""
+    `pack_length` tokens, longer pairs alone), in eval mode under inference_mode. `system`
+    opens every prompt without a system turn (a recipe's ``system:``)."""
     import torch
 
-    from tutor.data import encode_pairs, load_pairs
+    from tutor.data import encode_pairs, load_pairs, with_system_prompts
     from tutor.packing import SHARE_BACKENDS, collate, pack_pairs
     from tutor.preference import answer_logps
     from tutor.validation import keep_4bit_trainable
 
     attn = model.config._attn_implementation
     attn = attn if attn in SHARE_BACKENDS else "sdpa"  # flash-attn cannot share the prompt
-    pairs, _report = encode_pairs(load_pairs(pairs_path), tokenizer, template)
+    pairs, _report = encode_pairs(with_system_prompts(load_pairs(pairs_path), system), tokenizer,
+                                  template)
     if not pairs:
         raise TutorError(f"{pairs_path}: no pair to score")
     longest = max(len(q["chosen"]["input_ids"]) + len(q["rejected"]["input_ids"])
@@ -309,8 +319,8 @@ def evaluate_pairs(model: str, paths: Sequence[str | Path], adapter: str | None 
 
     paths = [resolve_data_path(p, "tutor eval") for p in paths]
     session = open_session(model, adapter=adapter, template=template)
-    return [preference_accuracy(session.model, session.tokenizer, p, session.template)
-            for p in paths]
+    return [preference_accuracy(session.model, session.tokenizer, p, session.template,
+                                system=session.system) for p in paths]
 
 
 def format_table(columns: Mapping[str, Sequence[FileScore]],

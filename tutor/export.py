@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tutor.common import GGUF_SYSTEM_KEY
 from tutor.errors import TutorError
 
 if TYPE_CHECKING:
@@ -197,12 +198,14 @@ def add_tensors(writer: Any, model: Any, kind: str, report: ExportReport) -> Non
 
 
 def export_model(model: Any, tokenizer: Any, model_dir: Path, out: Path, kind: str,
-                 template_stop_words: tuple[str, ...] = ()) -> ExportReport:
+                 template_stop_words: tuple[str, ...] = (),
+                 system: str | None = None) -> ExportReport:
     """Write `model` (a loaded Llama, fp32) + its tokenizer to GGUF file `out`, atomically.
 
     `model_dir` is where tokenizer.json / tokenizer_config.json live (read for merges and
     special tokens). `template_stop_words`: the chat template's end-of-turn strings; the
-    first that is one token becomes ``tokenizer.ggml.eot_token_id``.
+    first that is one token becomes ``tokenizer.ggml.eot_token_id``. `system`: the recipe's
+    system prompt, written as ``tutor.system`` (`tutor chat FILE.gguf` uses it by default).
     """
     import gguf
 
@@ -224,6 +227,8 @@ def export_model(model: Any, tokenizer: Any, model_dir: Path, out: Path, kind: s
         add_hparams(writer, model.config, kind)
         report.pre_tokenizer = add_vocab(writer, tokenizer, Path(model_dir), model.config,
                                          template_stop_words)
+        if system is not None:
+            writer.add_string(GGUF_SYSTEM_KEY, system)
         add_tensors(writer, model, kind, report)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.write_header_to_file()
@@ -250,8 +255,10 @@ def export_gguf(
     `verify` reloads the file with transformers and compares logits (`tutor.gguf_check`);
     a file outside the tolerance is deleted and `TutorError` raised. `ollama` writes a
     `Modelfile` beside OUT. `template`: the chat template (default: recorded, else auto).
+    The system prompt recorded at training (`tutor.chat_repl.pick_system`) goes into the
+    file's metadata and the Modelfile's SYSTEM line (else the template's default does).
     """
-    from tutor.chat_repl import pick_template
+    from tutor.chat_repl import pick_system, pick_template
 
     out = Path(out)
     if kind not in TYPES:
@@ -264,10 +271,11 @@ def export_gguf(
 
             merged = Path(work) / "merged"
             template = pick_template(model, adapter, template)
-            merge(model, adapter, merged)
+            merge(model, adapter, merged)  # records the adapter's system prompt
             model = str(merged)
         return _export_loaded(model, out, kind, ollama, verify,
-                              pick_template(model, None, template))
+                              pick_template(model, None, template),
+                              pick_system(model, None, None))
 
 
 def _refuse_adapter_as_model(model: str) -> None:
@@ -282,7 +290,7 @@ def _refuse_adapter_as_model(model: str) -> None:
 
 
 def _export_loaded(model: str, out: Path, kind: str, ollama: bool, verify: bool,
-                   template_name: str) -> ExportReport:
+                   template_name: str, system: str | None) -> ExportReport:
     from tutor.models import load, resolve
     from tutor.templates import get_template
 
@@ -291,7 +299,7 @@ def _export_loaded(model: str, out: Path, kind: str, ollama: bool, verify: bool,
     check_supported(config)  # refuse before loading any weights
     lm, tokenizer = load(str(model_dir))
     template = get_template(template_name, tokenizer=tokenizer)
-    report = export_model(lm, tokenizer, model_dir, out, kind, template.stop_words)
+    report = export_model(lm, tokenizer, model_dir, out, kind, template.stop_words, system)
     if verify:
         from tutor.gguf_check import check_export
 
@@ -303,5 +311,5 @@ def _export_loaded(model: str, out: Path, kind: str, ollama: bool, verify: bool,
     if ollama:
         from tutor.modelfile import write_modelfile
 
-        report.modelfile = str(write_modelfile(out, template))
+        report.modelfile = str(write_modelfile(out, template, system))
     return report

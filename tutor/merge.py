@@ -7,10 +7,17 @@ alone into a standalone directory and records, in ``tutor_adapter.json``, which 
 model and chat template it was trained with (from ``tutor_config.yaml``).
 
 Merging folds each LoRA update into its weight, ``W' = W + (alpha / r) * B @ A``, so
-the model runs with no adapter code at all. The base is always loaded in full
-precision, also for adapters trained with QLoRA: folding a bf16 update into NF4 codes
-would round it away. After saving, the merged copy is loaded back and its logits are
-compared with base+adapter on a probe batch; only a copy that passes is moved to OUT.
+the model runs with no adapter code at all. The merged weights are saved in full (or 16-bit)
+precision, never re-quantised here. Which W: by default the base's own full-precision
+weights. A QLoRA adapter was trained against NF4(W), not W; ``base_from_nf4=True`` (``tutor
+merge --base-from-nf4``) merges into the NF4 base dequantised exactly as training saw it
+(bitsandbytes, tutor's one 4-bit config: NF4, blocksize 64, double-quantised absmax, in the
+dtype the run loaded its base in), so the merged model is the trained model (notebook 07
+measures both). After saving, the merged copy is loaded back and its logits are compared on
+a probe batch with what it must equal: base+adapter, computed unmerged in the same dtype (with
+``base_from_nf4``: the dequantised NF4 base + adapter, which is the trained model's weights; the
+distance to bitsandbytes' own NF4 forward, which computes in bf16 where native, is reported
+beside it); only a copy that passes is moved to OUT.
 
 Not handled: adapters other than LoRA-family ones peft can merge (prompt tuning has
 no weight to merge into), several adapters at once, sharded or pickled (.bin) adapters.
@@ -138,6 +145,9 @@ def convert_checkpoint(
         "base_model": base_model or cfg.get("model")
         or adapter_config.get("base_model_name_or_path"),
         "template": template or cfg.get("template"),
+        "system": cfg.get("system"),  # the recipe's system prompt (None: the template's)
+        "bits": cfg.get("bits"),  # 4: trained against an NF4 base (merge --base-from-nf4)
+        "precision": (cfg.get("train") or {}).get("precision"),
         "source_checkpoint": str(checkpoint.resolve()),
         "peft_type": adapter_config.get("peft_type"),
         "r": adapter_config.get("r"),
@@ -154,12 +164,13 @@ def convert_checkpoint(
 
 
 def recorded(path: str | Path, key: str) -> Any:
-    """`key` from the tutor metadata of an adapter or merged directory, else None."""
+    """`key` from the tutor metadata of an adapter or merged directory, else from the
+    `tutor_config.yaml` of a run or checkpoint directory, else None."""
     for name in (ADAPTER_META, MERGED_META):
         meta = Path(path) / name
         if meta.is_file():
             return _read_json(meta).get(key)
-    return None
+    return train_config(Path(path)).get(key) if Path(path).is_dir() else None
 
 
 def _other_base(adapter_dir: Path, base_name: str) -> str | None:
@@ -230,10 +241,16 @@ class MergeReport:
     adapter_bytes: int
     merged_bytes: int
     template: str | None
+    reference: str = "base+adapter"  # what the merged logits were checked against
+    # --base-from-nf4: max |merged - NF4 base+adapter as bitsandbytes computes it| (its
+    # compute dtype: bf16 where native, so this is mostly bf16 vs. fp32 arithmetic)
+    runtime_diff: float | None = None
 
     def summary(self) -> str:
+        runtime = ("" if self.runtime_diff is None else
+                   f" (vs. NF4 base+adapter in bitsandbytes: {self.runtime_diff:.3g})")
         return (f"merged into {self.out} ({self.dtype}); logits check: max |merged - "
-                f"(base+adapter)| = {self.max_abs_diff:.2e} <= {self.tolerance:g}; "
+                f"({self.reference})| = {self.max_abs_diff:.2e} <= {self.tolerance:g}{runtime}; "
                 f"adapter {self.adapter_bytes / 2**20:.2f} MiB -> merged "
                 f"{self.merged_bytes / 2**20:.2f} MiB on disk")
 
@@ -244,14 +261,17 @@ def merge(
     out: str | Path,
     dtype: str = "float32",
     force: bool = False,
+    base_from_nf4: bool = False,
 ) -> MergeReport:
     """Fold `adapter` into `base`, save to `out` (safetensors + tokenizer), verify logits.
 
-    Raises `TutorError` for a mismatched base/adapter or when the saved merged model's
-    logits differ from base+adapter by more than `TOLERANCE[dtype]`; OUT is then untouched.
+    `base_from_nf4`: fold it into the dequantised NF4 base instead (module docstring), check
+    against that base + adapter, and report the distance to NF4 base + adapter as
+    bitsandbytes runs it (`MergeReport.runtime_diff`). Raises `TutorError` for a mismatched
+    base/adapter or when the saved merged model's logits differ from the reference by more
+    than `TOLERANCE[dtype]`; OUT is then untouched.
     """
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from tutor.models import load
@@ -261,12 +281,14 @@ def merge(
     check_adapter_dir(adapter)
     if dtype not in TOLERANCE:
         raise TutorError(f"--dtype must be one of {', '.join(TOLERANCE)}, not '{dtype}'")
-    model, tokenizer = load(base, dtype=dtype)  # never quantised: see module docstring
+    model, tokenizer = load(base, dtype=dtype)
     check_compatible(model, adapter, base)
-    with warnings.catch_warnings():  # peft calls a deprecated transformers method
-        warnings.simplefilter("ignore", FutureWarning)
-        peft_model = PeftModel.from_pretrained(model, str(adapter))
-    expected = probe_logits(peft_model, tokenizer)  # base + adapter, computed unmerged
+    reference, runtime = "base+adapter", None
+    if base_from_nf4:
+        runtime = _load_nf4_base_into(model, base, adapter)
+        reference = "dequantised NF4 base+adapter"
+    peft_model = _with_adapter(model, adapter)
+    expected = probe_logits(peft_model, tokenizer)  # (that) base + adapter, computed unmerged
     merged = peft_model.merge_and_unload()
     template = recorded(adapter, "template")
     # Saving imports DeepSpeed (through accelerate), which guesses the accelerator and logs
@@ -279,12 +301,55 @@ def merge(
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, dtype))
         diff = float((probe_logits(reloaded, tokenizer) - expected).abs().max())
         if not diff <= TOLERANCE[dtype]:
-            raise TutorError(f"merged logits differ from base+adapter by {diff:.3g} > "
+            raise TutorError(f"merged logits differ from {reference} by {diff:.3g} > "
                              f"{TOLERANCE[dtype]} ({dtype}); OUT was not written")
         report = MergeReport(str(out), dtype, diff, TOLERANCE[dtype], adapter_bytes(adapter),
-                             0, template)
+                             0, template, reference)
+        if runtime is not None:  # vs. the trained model as bitsandbytes runs it
+            report.runtime_diff = float((probe_logits(reloaded, tokenizer) - runtime)
+                                        .abs().max())
         meta = {k: v for k, v in asdict(report).items() if k != "merged_bytes"}
-        meta.update(base_model=base, adapter=str(adapter.resolve()))
+        meta.update(base_model=base, adapter=str(adapter.resolve()),
+                    system=recorded(adapter, "system"), base_from_nf4=base_from_nf4)
         (tmp / MERGED_META).write_text(json.dumps(meta, indent=2) + "\n")
         report.merged_bytes = dir_bytes(tmp)
     return report
+
+
+def _with_adapter(model: PreTrainedModel, adapter: Path) -> Any:
+    from peft import PeftModel
+
+    with warnings.catch_warnings():  # peft calls a deprecated transformers method
+        warnings.simplefilter("ignore", FutureWarning)
+        return PeftModel.from_pretrained(model, str(adapter))
+
+
+def _load_nf4_base_into(model: PreTrainedModel, base: str, adapter: Path) -> Any:
+    """Overwrite `model`'s weights (in place, in its dtype) with the base as a QLoRA run saw
+    it; return the probe logits of NF4 base + adapter as bitsandbytes computes them.
+
+    The run's base is loaded again with `tutor.models.load(bits=4)` in the dtype training
+    loaded it in (`tutor.models.lora_base_dtype` of the precision recorded in the adapter's
+    metadata; "auto" resolves on this machine). Each 4-bit weight is dequantised with its own
+    bitsandbytes quant state; every other weight (embeddings, norms) is taken in that dtype.
+    """
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+    from bitsandbytes.nn import Params4bit
+
+    from tutor.models import load, lora_base_dtype, resolve_precision
+
+    bits = recorded(adapter, "bits")
+    if bits not in (None, 4):
+        raise TutorError(f"{adapter}: trained with bits={bits}, not on an NF4 base: "
+                         "--base-from-nf4 applies to QLoRA (bits: 4) adapters only")
+    precision = resolve_precision(recorded(adapter, "precision") or "auto")
+    nf4, tokenizer = load(base, bits=4, dtype=lora_base_dtype(precision))
+    trained = dict(nf4.named_parameters())  # names as in `model` (tied weights listed once)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            source = trained[name]
+            if isinstance(source, Params4bit):
+                source = dequantize_4bit(source.data, source.quant_state)
+            param.copy_(source.to(param.dtype))
+    return probe_logits(_with_adapter(nf4, adapter), tokenizer)

@@ -183,21 +183,23 @@ def _quoted(text: str) -> str:
     return f'"""{text}"""'
 
 
-def modelfile_text(gguf_name: str, template: Any) -> str:
-    """The Modelfile for GGUF `gguf_name` (relative, so file and Modelfile move together)."""
+def modelfile_text(gguf_name: str, template: Any, system: str | None = None) -> str:
+    """The Modelfile for GGUF `gguf_name` (relative, so file and Modelfile move together).
+    SYSTEM: `system` (the recipe's), else the template's default system prompt, if any."""
     layout = turn_layout(template)
     lines = [f"FROM ./{gguf_name}", f"TEMPLATE {_quoted(go_template(layout))}"]
-    if layout.default_system is not None:
-        lines.append(f"SYSTEM {_quoted(layout.default_system)}")
+    system = system if system is not None else layout.default_system
+    if system is not None:
+        lines.append(f"SYSTEM {_quoted(system)}")
     lines += [f'PARAMETER stop "{w}"' for w in template.stop_words]
     return "\n".join(lines) + "\n"
 
 
-def write_modelfile(gguf_path: str | Path, template: Any) -> Path:
+def write_modelfile(gguf_path: str | Path, template: Any, system: str | None = None) -> Path:
     """Write `Modelfile` beside `gguf_path` (atomically); return its path."""
     from tutor.common import atomic_write
 
     gguf_path = Path(gguf_path)
     out = gguf_path.parent / MODELFILE
-    atomic_write(out, modelfile_text(gguf_path.name, template))
+    atomic_write(out, modelfile_text(gguf_path.name, template, system))
     return out

@@ -213,6 +213,19 @@ def compute_dtype() -> Any:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(half_precision(), torch.float32)
 
 
+def resolve_precision(choice: str) -> str:
+    """"auto" → the machine's native half precision (`tutor.models.half_precision`), else fp32."""
+    if choice != "auto":
+        return choice
+    return half_precision() or "fp32"
+
+
+def lora_base_dtype(precision: str) -> str:
+    """The dtype the frozen base of a LoRA/QLoRA run is loaded in for `precision` (a
+    `resolve_precision` result): its half type when training in 16 bits, else float32."""
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+
+
 def quantization_config(bits: int | None) -> Any:
     """The bitsandbytes config for `bits` (None, 4 = NF4 + double quant, 8 = int8).
 

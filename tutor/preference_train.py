@@ -198,8 +198,9 @@ def load_pair_samples(cfg: TrainConfig, tokenizer: Any, split: str = "train",
                       ) -> tuple[list[dict], list]:
     """Encoded pairs (`tutor.data.encode_pairs`) of the recipe's `split`, weighted like SFT
     samples (`tutor.recipe_data.split_datasets`, `weighted`), and one PairReport per
-    file. ([], []) without validation."""
-    from tutor.data import encode_pairs, load_pairs
+    file, each prompt opened by the recipe's ``system:`` (as in SFT). ([], []) without
+    validation."""
+    from tutor.data import encode_pairs, load_pairs, with_system_prompts
     from tutor.recipe_data import check_max_length, split_datasets, weighted
 
     check_max_length(cfg, tokenizer)
@@ -207,6 +208,7 @@ def load_pair_samples(cfg: TrainConfig, tokenizer: Any, split: str = "train",
     encoded: list[dict] = []
     reports = []
     for _, weight, pairs in split_datasets(cfg, split, load_pairs):
+        pairs = with_system_prompts(pairs, cfg.system)
         rows, report = encode_pairs(pairs, tokenizer, cfg.template, cfg.data.max_length)
         encoded += weighted(rows, weight, rng)
         reports.append(report)

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from tutor.common import CONFIG_FILE, apply_umask
 from tutor.errors import TutorError, warn
+from tutor.models import lora_base_dtype, resolve_precision  # noqa: F401 (tutor.train API)
 from tutor.recipe_data import check_max_length, split_datasets, weighted
 from tutor.train_config import (
     TrainConfig,
@@ -56,15 +57,6 @@ if TYPE_CHECKING:
     from transformers import TrainerCallback
 
 log = logging.getLogger("tutor.train")
-
-
-def resolve_precision(choice: str) -> str:
-    """"auto" → the machine's native half precision (`tutor.models.half_precision`), else fp32."""
-    from tutor.models import half_precision
-
-    if choice != "auto":
-        return choice
-    return half_precision() or "fp32"
 
 
 def resolve_attention(choice: str) -> str:
@@ -98,8 +90,7 @@ def build_model(cfg: TrainConfig, precision: str | None = None) -> tuple[Any, An
     from tutor.models import load
 
     precision = precision or resolve_precision(cfg.train.precision)
-    half = {"bf16": "bfloat16", "fp16": "float16"}.get(precision)
-    dtype = half if (cfg.lora is not None and half) else "float32"
+    dtype = lora_base_dtype(precision) if cfg.lora is not None else "float32"
     model, tokenizer = load(cfg.model, bits=cfg.bits, dtype=dtype)
     attn = resolve_attention(cfg.attn_implementation)
     if model.config._attn_implementation != attn:
@@ -123,7 +114,7 @@ def build_model(cfg: TrainConfig, precision: str | None = None) -> tuple[Any, An
                 and not t.offload_activations)
         if t.gradient_checkpointing and t.offload_activations:  # peft cannot pass `offload`
             model.activation_checkpointing_enable(offload=True)
-        if half:  # the frozen base back to 16 bits: 2 B/param less (1.4 GiB on 7B)
+        if dtype != "float32":  # the frozen base back to 16 bits: 2 B/param less (1.4 GiB on 7B)
             import torch
 
             _frozen_to(model, getattr(torch, dtype))
@@ -210,13 +201,18 @@ def load_samples(
     or subsample (0.5) it. No validation configured: ``([], [])``.
     Returns the samples (``input_ids``/``labels`` lists) and one EncodeReport per file.
     """
-    from tutor.data import encode_dataset, load_conversations
+    from datasets import Dataset
+
+    from tutor.data import encode_dataset, load_conversations, with_system
 
     check_max_length(cfg, tokenizer)
     rng = random.Random(cfg.train.seed)
     samples, reports = [], []
     parts = split_datasets(cfg, split, load_conversations)
     for _, weight, conversations in parts:
+        if cfg.system is not None:  # the recipe's system prompt first in every conversation
+            conversations = Dataset.from_dict(
+                {"messages": [with_system(m, cfg.system) for m in conversations["messages"]]})
         encoded, report = encode_dataset(
             conversations, tokenizer, cfg.template, cfg.data.max_length
         )

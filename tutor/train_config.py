@@ -113,7 +113,7 @@ class EvaluationSection:
 
     prompts: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
-    system: str | None = None
+    system: str | None = None  # for the prompts; null = the recipe's top-level `system`
     every_n_steps: int = 0  # 0 = only before and after
     max_new_tokens: int = 48
 
@@ -132,6 +132,10 @@ class TrainConfig:
     model: str  # bundled name, local directory or hub id (tutor.models.load)
     output_dir: str
     template: str = "auto"  # tutor.templates name; "auto" = the tokenizer's own
+    # System prompt put first in every conversation without one (training, validation,
+    # evaluation prompts and files), recorded for chat and export; null = the template's
+    # own default system prompt (SmolLM2's: "You are a helpful AI assistant named SmolLM...")
+    system: str | None = None
     bits: int | None = None  # 4 = QLoRA (NF4), 8 = int8, None = full precision base
     lora: LoraSection | None = field(default_factory=LoraSection)  # null = full fine-tune
     data: DataSection = field(default_factory=DataSection)
