@@ -41,8 +41,9 @@ memory); its row is the bytes transformers' offload moves (tests count them on C
 
 Not handled: eager attention (its (heads, L, L) scores; we assume SDPA / flash attention, which
 keep none), mixture-of-experts, vision towers, KV caches, ZeRO sharding (tutor.course.zero), the
-CUDA context (~0.3-0.5 GiB), pinned host memory, and allocator fragmentation. Only Llama-style
-blocks (q/k/v/o + gated MLP): Llama, Mistral, Qwen2, InternLM2, SmolLM2.
+CUDA context (its size depends on the GPU, driver and CUDA version), pinned host memory, and
+allocator fragmentation. Only Llama-style blocks (q/k/v/o + gated MLP): Llama, Mistral, Qwen2,
+InternLM2, SmolLM2.
 """
 
 from __future__ import annotations

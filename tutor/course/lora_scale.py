@@ -2,7 +2,8 @@
 
 `update_size` fits one `tutor.lora.LoRALinear` to a target change of a layer's outputs with
 AdamW and returns ‖scale·B·A‖ / ‖ΔW‖ — the size of the update it learned, relative to the full
-update it imitates. Comparing ranks at one learning rate shows what α/r and rsLoRA's α/√r do.
+update it imitates. Comparing ranks at one learning rate shows what α/r and rsLoRA's α/√r do;
+`lora_scale` gives either factor, as peft computes it (tests/test_course_helpers.py).
 
 Not handled: dropout, weight decay, other optimizers, and fitting anything but a mean squared
 error on the given inputs.
@@ -10,9 +11,20 @@ error on the given inputs.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from tutor.lora import LoRALinear
+
+
+def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
+    """The factor LoRA multiplies B @ A by: alpha / r, or rsLoRA's alpha / sqrt(r).
+
+    alpha 16: r=64 -> 0.25 (XTuner's recipes), r=8 -> 2 (the course's); rsLoRA r=64 -> 2.
+    rsLoRA (Kalajdzievski, 2023) is peft's `use_rslora=True`.
+    """
+    return alpha / math.sqrt(r) if rslora else alpha / r
 
 
 def update_size(x: torch.Tensor, delta: torch.Tensor, r: int, scale: float, steps: int,
