@@ -25,8 +25,8 @@ the run has finished and the kernel is idle. Then:
   answer to "What is the capital of France?" names Paris.
 
 Screenshots go to ``work_dirs/browser/<notebook>.png``. Per-notebook timeout: 900 s, 1200 s
-for 06 (it trains). Cost: the same cells as nbval's run of the lessons (about 3 min on 2 idle
-cores) plus JupyterLab, Chromium and one kernel start per notebook; the README gives what was
+for 06 and 10 (they train). Cost: the same cells as nbval's run of the lessons (about 3 min on 2
+idle cores) plus JupyterLab, Chromium and one kernel start per notebook; the README gives what was
 measured.
 
 Missing pieces (chromium, chromedriver, selenium, jupyterlab) skip the module with one line
@@ -61,7 +61,8 @@ CHROMIUM = shutil.which("chromium")  # Debian's /usr/bin/chromium
 CHROMEDRIVER = shutil.which("chromedriver")
 # Generous: idle, a lesson runs in < 1 min (06: 5 min), but on a 2-core machine shared with
 # other jobs (load 12-16) 00 took 7.8 min here and 04 did not finish in 10.
-TIMEOUT_S = {"06_qlora_training.ipynb": 1200}  # 06 trains; its budget is 5 min on 2 idle cores
+# 06 and 10 train (10 after 06's Pico, cached or not); each budgets 5 min on 2 idle cores
+TIMEOUT_S = {"06_qlora_training.ipynb": 1200, "10_preference_tuning.ipynb": 1200}
 DEFAULT_TIMEOUT_S = 900
 QUESTION = "What is the capital of France?"
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"

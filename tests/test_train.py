@@ -414,3 +414,4 @@ def test_recipe_system_opens_every_sample_and_is_saved(tmp_path):
     assert sum(s["input_ids"][:len(default)] == default for s in plain) == \
         len(plain) - len(theirs)
     assert yaml.safe_load(to_yaml(cfg))["system"] == "You are Pico."
+    assert load_config("smollm2_135m_qlora_assistant").system.startswith("You are Pico")

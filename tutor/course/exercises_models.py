@@ -19,7 +19,6 @@ from tutor.course.checks import (
     Verdict,
     as_float,
     as_int,
-    as_str,
     bundled_model,
     bundled_tokenizer,
     exercise,
@@ -188,41 +187,72 @@ def _block_mask(answer: Any) -> Verdict:
 RECIPE = "smollm2_135m_qlora_assistant"
 
 
-@exercise("06.1", "a recipe of your own: rank 4, 2 steps, no quantisation")
-def _my_recipe(answer: Any) -> Verdict:
-    from tutor.train_config import TrainConfig, load_config
+def _scale_inputs() -> dict[str, Any]:
+    """A (64, 64) weight (std 0.02), an input x, and rank-64 LoRA factors A, B of a trained
+    adapter's size, fixed by a seed: the input of exercise 06.1. Rank r uses A[:r], B[:, :r]."""
+    import torch
 
-    if not isinstance(answer, TrainConfig):
-        raise Hint(f"give the TrainConfig from load_config({RECIPE!r}, [...overrides...])")
-    want = load_config(RECIPE, ["lora.r=4", "train.max_steps=2", "bits=null"])
-    if answer.lora is None or answer.lora.r != want.lora.r:
-        return wrong("set the adapter rank with the override 'lora.r=4'")
-    if answer.train.max_steps != want.train.max_steps:
-        return wrong("stop after two optimizer steps: 'train.max_steps=2' (it wins over epochs)")
-    if answer.bits is not None:
-        return wrong(f"bits is {answer.bits}: 'bits=null' turns quantisation off (YAML null)")
-    if answer.data != want.data or answer.model != want.model:
-        return wrong(f"keep the model and the data of {RECIPE}")
-    return right("rank-4 LoRA on a full-precision base, 2 steps — same data and model")
+    g = torch.Generator().manual_seed(6)
+    return {"W": torch.randn(64, 64, generator=g) * 0.02, "x": torch.randn(64, generator=g),
+            "A": torch.randn(64, 64, generator=g) / 8, "B": torch.randn(64, 64, generator=g) * 1e-3,
+            "settings": [(4, 32, False), (64, 16, False), (64, 16, True)]}  # (r, alpha, rslora)
 
 
-@exercise("06.2", "optimizer steps of the full recipe")
+def _update_ratio(r: int, alpha: float, scale: float) -> float:
+    """|scale · B[:, :r] A[:r] x| / |W x| for `_scale_inputs`."""
+    g = _scale_inputs()
+    delta = scale * g["B"][:, :r] @ g["A"][:r]  # (out, in)
+    return float((delta @ g["x"]).norm() / (g["W"] @ g["x"]).norm())
+
+
+@exercise("06.1", "what the LoRA scale alpha/r does to the size of the update",
+          given=_scale_inputs())
+def _lora_scale(answer: Any) -> Verdict:
+    settings = _scale_inputs()["settings"]
+    if not (isinstance(answer, (list, tuple)) and len(answer) == len(settings)):
+        raise Hint(f"give {len(settings)} numbers, one per (r, alpha, rslora) setting, in order")
+    got = [as_float(v) for v in answer]
+    scales = [alpha / (math.sqrt(r) if rs else r) for r, alpha, rs in settings]
+    want = [_update_ratio(r, alpha, s) for (r, alpha, _), s in zip(settings, scales, strict=True)]
+    close = [abs(g - w) <= 1e-3 * w for g, w in zip(got, want, strict=True)]
+    if all(close):
+        return right(f"|ΔW x| / |W x| = {want[0]:.3f}, {want[1]:.4f}, {want[2]:.3f}: at scale "
+                     f"{scales[0]:g} (r=4, α=32) the update moves the layer "
+                     f"{want[0] / want[1]:.0f}× more than at XTuner's {scales[1]:g} (r=64, "
+                     f"α=16) with 16× fewer directions; rsLoRA's α/√r = {scales[2]:g} gives "
+                     f"the rank-64 update {want[2] / want[1]:.0f}× XTuner's size. The scale "
+                     "acts like a learning-rate factor on the adapter: change r and α together")
+    plain = [_update_ratio(r, alpha, 1.0) for r, alpha, _ in settings]
+    if all(abs(g - w) <= 1e-3 * w for g, w in zip(got, plain, strict=True)):
+        return wrong("multiply B·A by the scale: alpha / r (alpha / √r with rsLoRA)")
+    nors = _update_ratio(64, 16, 16 / 64)
+    if close[0] and close[1] and abs(got[2] - nors) <= 1e-3 * nors:
+        return wrong("rsLoRA's scale is alpha / √r, not alpha / r")
+    return wrong("for each setting: ΔW = scale · B[:, :r] @ A[:r], then the norm of ΔW @ x "
+                 "divided by the norm of W @ x")
+
+
+@exercise("06.2", "optimizer steps of the recipe with data.max_length=256")
 def _recipe_steps(answer: Any) -> Verdict:
     from tutor.train import build_dataset
     from tutor.train_config import load_config
 
-    cfg = load_config(RECIPE)
+    cfg = load_config(RECIPE, ["data.max_length=256"])
     dataset, _, reports = build_dataset(cfg, bundled_tokenizer())
     packs, samples, t = len(dataset), sum(r.kept for r in reports), cfg.train
     # transformers.Trainer: ceil(batches / grad_accum) steps per epoch, ceil(epochs × that)
     per_epoch = math.ceil(math.ceil(packs / t.batch_size) / t.grad_accum)
     steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * per_epoch)
+    shipped = load_config(RECIPE)
+    full = math.ceil(shipped.train.epochs * len(build_dataset(shipped, bundled_tokenizer())[0]))
     return judge(as_int(answer), steps,
                  why=f"{packs} packs of ≤ {cfg.data.max_length} tokens per epoch × "
-                     f"{t.epochs:g} epochs = {steps} steps",
-                 hint="a step sees batch_size packs: pack the encoded samples "
-                      "(build_dataset), then times the epochs",
+                     f"{t.epochs:g} epochs = {steps} steps ({full} at 512 tokens: shorter "
+                     "packs hold fewer samples, so more steps see the same data)",
+                 hint="a step sees batch_size packs: pack the encoded samples at 256 tokens "
+                      "(build_dataset of the overridden recipe), then times the epochs",
                  mistakes=[(per_epoch, f"that is one epoch; the recipe runs {t.epochs:g}"),
+                           (full, "that is the recipe at 512 tokens: override data.max_length"),
                            (math.ceil(t.epochs * samples), "a step sees one pack, not one "
                                                            "sample: the samples are packed "
                                                            "into fewer rows first"),
@@ -235,32 +265,36 @@ def _probe_experiment(answer: Any) -> Verdict:
     from tutor.course.pico import SCORED, locate
 
     if not (isinstance(answer, tuple) and len(answer) == 2):
-        raise Hint("answer with a pair: (the list of overrides you trained with, the number "
-                   "of probe answers that name Pico or the Tutor Lab)")
-    overrides, mentions = answer
+        raise Hint("answer with a pair: (the list of overrides you trained with, your run's "
+                   "probe answer loss minus the shipped recipe's)")
+    overrides, change = answer
     if not (isinstance(overrides, list) and overrides and all(isinstance(o, str) and "=" in o
                                                                for o in overrides)):
         return wrong("the first item is the list of overrides you changed, e.g. "
                      "['train.epochs=1']: one change at least, or there is nothing to compare")
-    run = locate(overrides=overrides)
-    cached = run.root / "scores.json"
-    if not cached.is_file():
-        return wrong(f"no scored run for {overrides} yet: run scored(trained(overrides="
-                     f"{overrides!r})) first (it trains, minutes)")
-    probe = SCORED[1]
-    after = json.loads(cached.read_text(encoding="utf-8"))["after"][probe]
-    recipe = locate().root / "scores.json"
-    compare = ""
-    if recipe.is_file():
-        base = json.loads(recipe.read_text(encoding="utf-8"))["after"][probe]
-        compare = f" (the recipe as shipped: {base['identity_mentions']})"
-    return judge(as_int(mentions, "a count"), after["identity_mentions"],
-                 why=f"with {overrides}, {after['identity_mentions']} of {after['total']} probe "
-                     f"answers name the identity{compare}, {after['hits']} hit their keywords",
-                 hint="count the probe answers after training that name Pico or the Tutor Lab: "
-                      "scores['after'][SCORED[1]]['identity_mentions']",
-                 mistakes=[(after["hits"], "that is the keyword hits; count the answers that "
-                                           "name the identity instead")])
+    run, shipped = locate(overrides=overrides), locate()
+    if run.root == shipped.root:
+        return wrong(f"{overrides} trains the same weights as the shipped recipe (same cache "
+                     "key): change a value, not just restate it")
+    files = {"yours": run.root / "scores.json", "the shipped recipe's": shipped.root /
+             "scores.json"}
+    for who, path in files.items():
+        if not path.is_file():
+            return wrong(f"{who} run is not scored yet: run scored(trained(overrides=...)) "
+                         "for it first (training takes minutes)")
+    yours, base = (json.loads(f.read_text(encoding="utf-8"))["after"][SCORED[1]]
+                   for f in files.values())
+    delta = yours["answer_loss"] - base["answer_loss"]
+    return judge(as_float(change, "a loss difference"), delta, rel=1e-3,
+                 why=f"with {overrides} the probe answer loss is {yours['answer_loss']:.3f} "
+                     f"against {base['answer_loss']:.3f} ({delta:+.3f}); probe hits "
+                     f"{yours['hits']} vs {base['hits']}, answers naming the identity "
+                     f"{yours['identity_mentions']} vs {base['identity_mentions']}",
+                 hint="scored(...)['after'][SCORED[1]]['answer_loss'] of your run minus the "
+                      "same number of the shipped recipe (the table above)",
+                 mistakes=[(-delta, "the other way round: yours minus the shipped recipe's"),
+                           (yours["answer_loss"], "that is your loss alone: subtract the "
+                                                  "shipped recipe's")])
 
 
 # ── 07 merge ──────────────────────────────────────────────────────────────────────────
@@ -298,24 +332,58 @@ def _merge_by_hand(answer: Any) -> Verdict:
                  "and add W")
 
 
-@exercise("07.2", "parameters of the merged model (the bundled model + Pico's adapter)")
-def _merged_params(answer: Any) -> Verdict:
-    from tutor.course.pico import RECIPE
-    from tutor.lora import lora_param_count
-    from tutor.memory import get_arch
+FLIP_PROMPTS = ["Who are you?", "Give me one tip for learning a new language.",
+                "What is the capital of Japan?"]  # 07.2: asked with Pico's system prompt
+
+
+def _next_token_flips(prompts: list[str]) -> tuple[int, int]:
+    """(positions whose most likely next token differs between fp32 base + Pico's adapter
+    (= the default merge, within 1e-4) and NF4 base + adapter (what QLoRA trained), all
+    prompt positions)."""
+    import torch
+    from peft import PeftModel
+
+    from tutor.common import CONFIG_FILE
+    from tutor.course.pico import trained
+    from tutor.data import with_system
+    from tutor.models import load, lora_base_dtype, resolve_precision
     from tutor.train_config import load_config
 
-    arch = get_arch("smollm2-135m-instruct")
-    n = arch.num_params()
-    r = load_config(RECIPE).lora.r
-    lora = lora_param_count([(i, o) for i, o, _ in arch.block_linears()] * arch.num_layers, r)
-    return judge(as_int(answer), n,
-                 why=f"{n:,}, exactly the base's: ΔW is folded into W, no new parameters",
-                 hint="merging computes W' = W + ΔW in place of W: count the base model's "
-                      "parameters",
-                 mistakes=[(n + lora, "merging adds ΔW into W; A and B do not survive as "
-                                      "parameters"),
-                           (lora, "that is the adapter; the merged model is a whole model")])
+    pico = trained(echo=lambda _: None)
+    cfg = load_config(pico.run / CONFIG_FILE)
+    fp, tok = load(pico.base_model)
+    nf4, _ = load(pico.base_model, bits=4, dtype=lora_base_dtype(resolve_precision("auto")))
+    top = []
+    for model in (fp, nf4):
+        model = PeftModel.from_pretrained(model, str(pico.run))
+        rows = []
+        for q in prompts:
+            text = tok.apply_chat_template(with_system([{"role": "user", "content": q}],
+                                                       cfg.system), tokenize=False,
+                                           add_generation_prompt=True)
+            ids = tok(text, return_tensors="pt", add_special_tokens=False)
+            with torch.inference_mode():
+                rows.append(model(**ids).logits[0].argmax(-1))  # (T,)
+        top.append(torch.cat(rows))
+    return int((top[0] != top[1]).sum()), len(top[0])
+
+
+@exercise("07.2", "how often the fp32 merge and the trained NF4 model disagree on the next token",
+          given=FLIP_PROMPTS)
+def _train_deploy_flips(answer: Any) -> Verdict:
+    flips, positions = _next_token_flips(FLIP_PROMPTS)
+    share, got = flips / positions, as_float(answer, "a share between 0 and 1")
+    if abs(got - share) <= 1.01 / positions:  # one position either way: a merged copy rounds
+        got = share  # differently from base + adapter (1e-4), which can flip a near-tie
+    return judge(got, share, rel=1e-9,
+                 why=f"{flips} of {positions} positions ({share:.1%}) get another most likely "
+                     "next token: the "
+                     "model you deploy after a default merge is not quite the one QLoRA "
+                     "trained; merge --base-from-nf4 deploys the trained one",
+                 hint="for each prompt (chat template, Pico's system prompt, generation prompt) "
+                      "take logits.argmax(-1) at every position under both models and count "
+                      "where they differ, over all positions of all prompts",
+                 mistakes=[(1 - share, "that is the share that agrees; count the flips")])
 
 
 def _nf4_merge_inputs() -> dict[str, Any]:
@@ -334,26 +402,29 @@ def _nf4_round_trip(x: Any) -> Any:
     return dequantize_nf4(quantize_nf4(x))
 
 
-@exercise("07.3", "measure how much of a merged update survives rounding to NF4",
+@exercise("07.3", "does a merged update survive rounding to NF4? Measure the kept part",
           given=_nf4_merge_inputs())
 def _merge_precision(answer: Any) -> Verdict:
     g = _nf4_merge_inputs()
     w, delta = g["W"], g["delta"]
-    merged4 = _nf4_round_trip(w + delta)
-    error = float((merged4 - w - delta).norm() / delta.norm())
-    kept = float((merged4 - _nf4_round_trip(w)).norm() / delta.norm())
-    return judge(as_float(answer), error, rel=1e-3,
-                 why=f"the update comes back with an error {error:.0f}× its own size: a 4-bit "
-                     "merged model would have lost the fine-tune, so merge loads the base in "
-                     "full precision",
-                 hint="round W + delta to NF4 and back (quantize_nf4, dequantize_nf4), subtract "
-                      "W to get the update that survived, and divide the norm of its error "
-                      "(minus delta) by the norm of delta",
-                 mistakes=[(float((merged4 - w - delta).norm() / w.norm()),
-                            "you divided by |W|: compare the error with the update's own size, "
-                            "|delta|"),
-                           (kept, "that compares two roundings (of W + delta and of W); "
-                                  "measure against the exact W + delta")])
+    merged4, base4 = _nf4_round_trip(w + delta), _nf4_round_trip(w)
+    kept = merged4 - base4  # what the 4-bit merged model holds of the update
+    slope = float((kept * delta).sum() / (delta * delta).sum())
+    noise = float((kept - delta).norm() / delta.norm())
+    exact = float((merged4 - w - delta).norm() / delta.norm())
+    return judge(as_float(answer), slope, rel=1e-3,
+                 why=f"the kept update NF4(W+Δ) − NF4(W) projects onto Δ with slope "
+                     f"{slope:.2f}: no bias, the update survives, with noise {noise:.1f}× |Δ|. "
+                     f"Against the exact W+Δ the error is {exact:.1f}× |Δ|, but that is NF4's "
+                     "rounding of W itself, present with no update at all",
+                 hint="kept = roundtrip(W + delta) − roundtrip(W); answer "
+                      "(kept * delta).sum() / (delta * delta).sum()",
+                 mistakes=[(exact, "that compares with the exact W + delta, which mixes in "
+                                   "NF4's rounding of W; subtract roundtrip(W) instead"),
+                           (noise, "that is the noise around the update; measure its "
+                                   "slope along delta"),
+                           (float(((merged4 - w) * delta).sum() / (delta * delta).sum()),
+                            "subtract roundtrip(W), not W: compare two roundings")])
 
 
 # ── 08 chat ───────────────────────────────────────────────────────────────────────────
@@ -396,19 +467,30 @@ def _template_penalty(answer: Any) -> Verdict:
                             "that is the France question; score the Italy answer")])
 
 
-@exercise("08.2", "the stop word of the vicuna template")
-def _vicuna_stop(answer: Any) -> Verdict:
-    from tutor.templates import get_template
+SAMPLING = {"question": "Give me one tip for learning a new language.", "seeds": [0, 1, 2, 3, 4],
+            "temperature": 1.0, "top_p": 0.8, "max_new_tokens": 32}
 
-    stops = get_template("vicuna").stop_words
-    word = as_str(answer)
-    if word in stops:
-        return right(f"{word!r}: the bundled model ends turns with <|im_end|>, never {word!r}, "
-                     "so a vicuna prompt runs on")
-    if word == "<|im_end|>":
-        return wrong("that is ChatML's end of turn (the model's own); the vicuna template "
-                     "waits for a different one")
-    if word.strip().startswith("USER"):
-        return wrong("that is where the model started inventing the next turn, not the "
-                     "template's stop word")
-    return wrong("look at get_template('vicuna').stop_words")
+
+@exercise("08.2", "distinct answers of Pico sampled at temperature 1.0, top-p 0.8",
+          given=SAMPLING)
+def _sampled_answers(answer: Any) -> Verdict:
+    from tutor.chat import GenerationSettings
+    from tutor.chat_repl import pick_system
+    from tutor.course.pico import merged
+    from tutor.course.sampling import sample_answers
+    from tutor.models import load
+
+    pico = merged(echo=lambda _: None)
+    model, tok = load(pico.merged)
+    settings = GenerationSettings(max_new_tokens=SAMPLING["max_new_tokens"],
+                                  temperature=SAMPLING["temperature"], top_p=SAMPLING["top_p"])
+    answers = sample_answers(model, tok, SAMPLING["question"], settings, SAMPLING["seeds"],
+                             system=pick_system(str(pico.merged), None, None))
+    distinct = len(set(answers))
+    return judge(as_int(answer), distinct,
+                 why=f"{distinct} different answers of {len(answers)}: top-p 0.8 keeps only the "
+                     "likeliest tokens that make up 80 % of the probability, so fewer answers "
+                     "differ than at top-p 1",
+                 hint="sample_answers(model, tokenizer, question, GenerationSettings(...), "
+                      "seeds, system=...) with the given values, then len(set(answers))",
+                 mistakes=[(len(answers), "that counts every sample; count the different ones")])

@@ -51,7 +51,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tutor.course import exercises_basics, exercises_models, exercises_scale  # noqa: F401
+from tutor.course import (  # noqa: F401
+    exercises_basics,
+    exercises_models,
+    exercises_preference,
+    exercises_scale,
+)
 from tutor.course.checks import EXERCISES, Exercise, Hint, wrong
 from tutor.errors import TutorError
 

@@ -153,7 +153,8 @@ def scored(pico: Pico | None = None, echo=print) -> dict[str, dict[str, dict[str
     """``{"before"|"after": {file: {"hits", "total", "answer_loss", "identity_mentions"}}}``.
 
     `tutor.eval`'s scorer on `SCORED` for the base model (before) and for base + Pico's
-    adapter (after), both fp32, greedy, `SCORE_TOKENS` new tokens. "after" is cached as
+    adapter (after), both fp32, greedy, `SCORE_TOKENS` new tokens, both under the recipe's
+    system prompt (the same question asked the same way). "after" is cached as
     scores.json beside the run; "before" once per base model and template (every run of the
     same base shares it). An identity mention in a probe answer is over-reach: the fine-tune
     answering a question it was never about.
@@ -165,28 +166,82 @@ def scored(pico: Pico | None = None, echo=print) -> dict[str, dict[str, dict[str
     cached = pico.root / "scores.json"
     if cached.is_file():
         return json.loads(cached.read_text(encoding="utf-8"))
-    template = load_config(pico.run / CONFIG_FILE).template
+    cfg = load_config(pico.run / CONFIG_FILE)
     paths = [resolve_data_path(p) for p in SCORED]
     base, tokenizer = load(pico.base_model)
-    before_file = pico.root.parent / (
-        f"base-scores-{_digest([pico.base_model, template, str(SCORE_TOKENS)], paths)}.json")
+    key = [pico.base_model, cfg.template, str(SCORE_TOKENS), str(cfg.system)]
+    before_file = pico.root.parent / f"base-scores-{_digest(key, paths)}.json"
     if before_file.is_file():
         before = json.loads(before_file.read_text(encoding="utf-8"))
     else:
-        before = _score(base, tokenizer, template, paths)
+        before = _score(base, tokenizer, cfg.template, paths, cfg.system)
         atomic_write(before_file, json.dumps(before, indent=2) + "\n")
     from peft import PeftModel
 
-    after = _score(PeftModel.from_pretrained(base, pico.run), tokenizer, template, paths)
+    after = _score(PeftModel.from_pretrained(base, pico.run), tokenizer, cfg.template, paths,
+                   cfg.system)
     scores = {"before": before, "after": after}
     atomic_write(cached, json.dumps(scores, indent=2) + "\n")
     return scores
 
 
-def _score(model: Any, tokenizer: Any, template: str, paths: Sequence[str]) -> dict[str, Any]:
+def score(model: Any, tokenizer: Any, pico: Pico) -> dict[str, dict[str, Any]]:
+    """`scored`'s numbers for any `model` (notebook 07 compares merges with the trained
+    model): `SCORED` asked with the run's template and system prompt, not cached."""
+    from tutor.train_config import load_config, resolve_data_path
+
+    cfg = load_config(pico.run / CONFIG_FILE)
+    return _score(model, tokenizer, cfg.template, [resolve_data_path(p) for p in SCORED],
+                  cfg.system)
+
+
+def answer_losses(model: Any, tokenizer: Any, pico: Pico) -> dict[str, float]:
+    """``{file: token-weighted answer loss}`` on the reference answers of `SCORED`, asked
+    with the run's template and system prompt: the scorer's loss column without its greedy
+    answers (seconds, so notebook 06 can score every kept checkpoint)."""
+    from dataclasses import replace
+
+    from tutor.eval import FileScore, load_items, score_items
+    from tutor.templates import get_template
+    from tutor.train_config import load_config, resolve_data_path
+
+    cfg = load_config(pico.run / CONFIG_FILE)
+    template = get_template(cfg.template, tokenizer=tokenizer)
+    out = {}
+    for name in SCORED:
+        items = [replace(i, expected=[]) for i in load_items(resolve_data_path(name), cfg.system)
+                 if i.reference]  # no keywords: nothing is generated
+        out[name] = FileScore(name, score_items(model, tokenizer, template, items)).answer_loss
+    return out
+
+
+def prompt_logits(model: Any, tokenizer: Any, pico: Pico) -> Any:
+    """fp32 logits at every position of every `SCORED` prompt (run's template and system
+    prompt, generation prompt added), stacked: (positions, vocab). Notebook 07 compares
+    models on them."""
+    import torch
+
+    from tutor.eval import load_items
+    from tutor.templates import get_template
+    from tutor.train_config import load_config, resolve_data_path
+
+    cfg = load_config(pico.run / CONFIG_FILE)
+    template = get_template(cfg.template, tokenizer=tokenizer)
+    rows = []
+    for name in SCORED:
+        for item in load_items(resolve_data_path(name), cfg.system):
+            text = template.render(item.prompt, add_generation_prompt=True)
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
+            with torch.inference_mode():
+                rows.append(model(**ids).logits[0].float())  # (T, V)
+    return torch.cat(rows)
+
+
+def _score(model: Any, tokenizer: Any, template: str, paths: Sequence[str],
+           system: str | None) -> dict[str, Any]:
     from tutor.demo import IDENTITY
     from tutor.eval import score_files
 
-    files = score_files(model, tokenizer, template, paths, SCORE_TOKENS)
+    files = score_files(model, tokenizer, template, paths, SCORE_TOKENS, system=system)
     return {name: {**f.to_json(), "identity_mentions": f.mentions(IDENTITY)}
             for name, f in zip(SCORED, files, strict=True)}
