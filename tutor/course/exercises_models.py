@@ -488,9 +488,11 @@ def _sampled_answers(answer: Any) -> Verdict:
                              system=pick_system(str(pico.merged), None, None))
     distinct = len(set(answers))
     return judge(as_int(answer), distinct,
-                 why=f"{distinct} different answers of {len(answers)}: top-p 0.8 keeps only the "
-                     "likeliest tokens that make up 80 % of the probability, so fewer answers "
-                     "differ than at top-p 1",
+                 why=f"{distinct} different answers of {len(answers)} seeds: each seed draws its "
+                     "own tokens; top-p 0.8 only limits each draw to the likeliest tokens that "
+                     "make up 80 % of the probability, so "
+                     + ("every seed still wrote its own answer" if distinct == len(answers)
+                        else "some seeds met on the same answer"),
                  hint="sample_answers(model, tokenizer, question, GenerationSettings(...), "
                       "seeds, system=...) with the given values, then len(set(answers))",
                  mistakes=[(len(answers), "that counts every sample; count the different ones")])
