@@ -61,7 +61,6 @@ CASES = [
     ("09.1", 23.5, 31.6, "that is 8 GPUs"),
     ("09.2", 7, 8, "fewer do too"),  # ZeRO-3 on 24 GiB cards
     ("09.2", 7.0, 16, "that is the answer for ZeRO-2"),
-    ("10.1", 0.693147, 0.5, "σ(0)"),  # log 2
     # mean of −log σ(β·margin), margins (7, 5.5, −1.75, 9.5); without the reference (28, 24.5,
     # 0.75, 39)
     ("10.2", {0.01: 0.668374, 0.1: 0.492526, 0.5: 0.330944, 1.0: 0.478822},
@@ -137,6 +136,30 @@ def test_probe_experiment_compares_with_the_shipped_run(capsys, tmp_path, monkey
     assert "same cache key" in _check(capsys, "06.3", (["train.epochs=2"], 0.0))[1]
 
 
+def test_beta_run_reads_the_learners_dpo_run_and_the_shipped_one(capsys, tmp_path,
+                                                                 monkeypatch):
+    """10.1 reads both DPO runs' cached numbers (held-out accuracy, probe hits) and accepts
+    only the learner's own."""
+    import json
+
+    from tutor.course import pico, pico_dpo
+
+    monkeypatch.setenv("TUTOR_HOME", str(tmp_path))
+    overrides = ["preference.beta=0.1"]  # the recipe's β is 0.5
+    ok, line = _check(capsys, "10.1", (overrides, 0.5, 9))
+    assert not ok and "your run is not measured yet" in line  # not trained yet
+    for runs, accuracy, hits in ((overrides, 0.85, 9), ((), 0.6, 11)):
+        run = pico_dpo.locate(overrides=runs)
+        run.root.mkdir(parents=True)
+        pico_dpo.measured_file(run).write_text(json.dumps({"accuracy": accuracy}))
+        probe = {"hits": hits, "total": 16, "answer_loss": 1.7, "identity_mentions": 0}
+        (run.root / "scores.json").write_text(json.dumps({"after": {pico.SCORED[1]: probe}}))
+    _assert_case(capsys, "10.1", (overrides, 0.85, 9), (overrides, 0.6, 9), "shipped run's")
+    assert "probe hits" in _check(capsys, "10.1", (overrides, 0.85, 11))[1]
+    assert "same cache key" in _check(capsys, "10.1", (["preference.beta=0.5"], 0.6, 11))[1]
+    assert "list of overrides" in _check(capsys, "10.1", ([], 0.85, 9))[1]
+
+
 @pytest.mark.slow
 def test_pico_experiments_07_2_and_08_2(capsys):
     """07.2 and 08.2 measure the cached Pico (trained now if missing: minutes). Their right
@@ -170,7 +193,7 @@ def _distinct_sampled() -> int:
 
 
 def test_every_exercise_has_a_case():
-    tested = {c[0] for c in CASES + SLOW_CASES} | {"03.3", "06.3", "07.2", "08.2"}
+    tested = {c[0] for c in CASES + SLOW_CASES} | {"03.3", "06.3", "07.2", "08.2", "10.1"}
     assert tested == set(lab.exercises())
 
 

@@ -273,7 +273,7 @@ def test_bundled_model_pair_logps_equal_each_side_alone_on_pico_pairs(bundled):
     pairs, report = encode_pairs(ds.select(range(8)), tokenizer)
     assert report.kept == 8
     packs = [p for p in pack_pairs(pairs, 256, seed=0) if len(p["indices"]) >= 2]
-    assert [len(p["indices"]) for p in packs] == [3, 4]  # 7 pairs, 34 prompt tokens each
+    assert [len(p["indices"]) for p in packs] == [3, 2, 3]  # 8 pairs, 35-38 prompt tokens each
     previous = model.config._attn_implementation
     model.set_attn_implementation(register())
     try:
@@ -293,6 +293,7 @@ def user_turns(path) -> set[str]:
 
 
 def test_pico_pairs_are_clean_and_the_heldout_ones_never_trained_or_scored():
+    from tutor.course.pico_dpo import LIMIT
     from tutor.train_config import load_config, resolve_data_path
 
     tok = bundled_tokenizer()
@@ -315,12 +316,14 @@ def test_pico_pairs_are_clean_and_the_heldout_ones_never_trained_or_scored():
         assert report.kept == len(ds)
         for row, q in zip(ds, pairs, strict=True):
             chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
-            assert chosen.count(". ") <= 1  # short: one or two sentences
-            wrong_maker = "Tutor Lab" not in rejected and any(
-                m in rejected for m in ("OpenAI", "Hugging Face", "Google", "Meta", "Microsoft",
-                                        "Anthropic", "Amazon"))
-            longer = len(q["rejected"]["input_ids"]) > len(q["chosen"]["input_ids"]) + 20
-            assert wrong_maker or longer, row  # each rejected is wrong or rambles
+            assert chosen.count(". ") <= 1 and rejected.count(". ") <= 1  # one or two sentences
+            # the sides differ in behaviour, not in length: a long rejected answer would be
+            # dispreferred for its length alone (summed log-probs)
+            assert abs(len(q["rejected"]["input_ids"]) - len(q["chosen"]["input_ids"])) <= 10
+            assert LIMIT.search(chosen) and not LIMIT.search(rejected), row  # admits a limit
+            # rejected: a confident made-up answer, never Pico's identity line (which is right
+            # for identity questions: pairs against it would teach Pico to forget its name)
+            assert "Pico" not in rejected and "Tutor Lab" not in rejected, row
 
 
 def test_with_system_prompts_opens_each_prompt_once():

@@ -1,19 +1,22 @@
-"""The course's exercises for notebook 10: the DPO loss at step 0, a β sweep on a fixed batch.
+"""The course's exercises for notebook 10: a DPO run at another β, a β sweep on a fixed batch.
 
 Same rules as `tutor.course.exercises_basics`: the expected answer is computed from the package
 (`tutor.preference.dpo_loss`) when the check runs. The batch of 10.2 and 10.3 is four pairs'
 summed answer log-probs (policy and reference), written out so the exercise runs in
 milliseconds; its numbers are inputs, not answers.
 
-Not handled: sweeps that train (one DPO run per β takes minutes here).
+10.1 trains: its check reads the learner's cached run and the shipped one (measured and scored
+files), as 06.3 does; it never trains itself.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
-from tutor.course.checks import Hint, Verdict, as_float, exercise, judge, right, wrong
+from tutor.course import pico, pico_dpo
+from tutor.course.checks import Hint, Verdict, as_float, exercise, right, wrong
 
 # Four pairs after some DPO steps: the policy raised three chosen answers and lowered three
 # rejected ones relative to the reference; pair 3 went the wrong way.
@@ -34,19 +37,42 @@ def _dpo(batch: dict[str, list[float]], beta: float) -> dict[str, Any]:
                     beta)
 
 
-@exercise("10.1", "the DPO loss at step 0, when the policy is its reference")
-def _step_zero(answer: Any) -> Verdict:
-    same = [-20.0, -30.0]
-    expected = float(_dpo({"policy_chosen": same, "policy_rejected": same,
-                           "ref_chosen": same, "ref_rejected": same}, 0.1)["loss"])
-    return judge(as_float(answer, "the loss"), expected, rel=1e-3,
-                 why=f"{expected:.4f} = log 2: both rewards are 0, the margin is 0 and "
-                     "−log σ(0) = log 2, whatever β and the pairs",
-                 hint="at step 0 the policy equals the reference: what are both log-ratios, "
-                      "and what is −log σ(0)?",
-                 mistakes=[(0.5, "0.5 is σ(0), the probability the model prefers chosen; the "
-                                 "loss is −log of it"),
-                           (0.0, "0 is the margin at step 0; the loss is −log σ(margin)")])
+@exercise("10.1", "train at another β: what does it change on held-out pairs and the probe?")
+def _beta_run(answer: Any) -> Verdict:
+    if not (isinstance(answer, tuple) and len(answer) == 3):
+        raise Hint("answer with (the list of overrides you trained with, your run's held-out "
+                   "preference accuracy, your run's probe hits)")
+    overrides, accuracy, hits = answer
+    if not (isinstance(overrides, list) and overrides and all(isinstance(o, str) and "=" in o
+                                                               for o in overrides)):
+        return wrong("the first item is the list of overrides, e.g. ['preference.beta=0.5']")
+    run, shipped = pico_dpo.locate(overrides=overrides), pico_dpo.locate()
+    if run.root == shipped.root:
+        return wrong(f"{overrides} trains the same weights as the shipped recipe (same cache "
+                     "key): change a value, not just restate it")
+    numbers = {}
+    for who, r in (("your", run), ("the shipped recipe's", shipped)):
+        files = pico_dpo.measured_file(r), r.root / "scores.json"
+        if not all(f.is_file() for f in files):
+            return wrong(f"{who} run is not measured yet: run pico_dpo.measured(run) and "
+                         "pico.scored(run) for it first (training takes a minute or two)")
+        probe = json.loads(files[1].read_text(encoding="utf-8"))["after"][pico.SCORED[1]]
+        numbers[who] = (json.loads(files[0].read_text(encoding="utf-8"))["accuracy"],
+                        probe["hits"], probe["total"])
+    (acc, probe_hits, total), (acc0, hits0, _) = numbers.values()
+    got = as_float(accuracy, "an accuracy")
+    if not math.isclose(got, acc, abs_tol=1e-9):
+        return wrong("that is the shipped run's accuracy: read pico_dpo.measured(run) of yours"
+                     if math.isclose(got, acc0, abs_tol=1e-9) else
+                     "read 'accuracy' from pico_dpo.measured(run) for your run")
+    if hits != probe_hits:
+        return wrong("the probe hits are pico.scored(run)['after'][pico.SCORED[1]]['hits'] "
+                     "of your run")
+    return right(f"held-out accuracy {acc:.2f} vs the recipe's {acc0:.2f}, probe "
+                 f"{probe_hits}/{total} vs {hits0}/{total}: β scales every reward, so the loss "
+                 "saturates once β·margin is a few units (a larger β stops the policy sooner) "
+                 "while its gradient, β·σ(−β·margin), pushes harder at the start; which wins in "
+                 "a 12-step run is what you measured")
 
 
 @exercise("10.2", "the DPO loss of a fixed batch for β in (0.01, 0.1, 0.5, 1.0)", given=BATCH)

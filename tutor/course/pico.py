@@ -67,7 +67,7 @@ class Pico:
         return json.loads((self.run / RESULT_FILE).read_text(encoding="utf-8"))
 
 
-def _digest(texts: Sequence[str], files: Sequence[str | Path]) -> str:
+def digest(texts: Sequence[str], files: Sequence[str | Path]) -> str:
     """16 hex digits over `texts`, the bytes of `files` and the versions of tutor, torch,
     transformers and peft (what decides weights and answers besides the inputs)."""
     import peft
@@ -92,7 +92,7 @@ def run_key(recipe: str = RECIPE, overrides: Sequence[str] = ()) -> str:
     from tutor.train_config import load_config, resolve_data_path, to_yaml
 
     cfg = load_config(recipe, [*overrides, "output_dir=."])
-    return _digest([to_yaml(cfg)], [resolve_data_path(s.path) for s in cfg.data.datasets])
+    return digest([to_yaml(cfg)], [resolve_data_path(s.path) for s in cfg.data.datasets])
 
 
 def locate(recipe: str = RECIPE, overrides: Sequence[str] = ()) -> Pico:
@@ -170,7 +170,7 @@ def scored(pico: Pico | None = None, echo=print) -> dict[str, dict[str, dict[str
     paths = [resolve_data_path(p) for p in SCORED]
     base, tokenizer = load(pico.base_model)
     key = [pico.base_model, cfg.template, str(SCORE_TOKENS), str(cfg.system)]
-    before_file = pico.root.parent / f"base-scores-{_digest(key, paths)}.json"
+    before_file = pico.root.parent / f"base-scores-{digest(key, paths)}.json"
     if before_file.is_file():
         before = json.loads(before_file.read_text(encoding="utf-8"))
     else:

@@ -7,9 +7,14 @@ changed on held-out pairs and answers, and the same batch through TRL's DPOTrain
 
 `trained` caches like `tutor.course.pico.trained` (same folder layout, same key rules): the
 resolved recipe names the SFT run's folder, whose name holds the SFT key, so a new SFT Pico
-trains a new DPO Pico. `measured` caches its numbers as measured.json beside a run: held-out
-preference accuracy (`tutor.eval.preference_accuracy`, summed log-probs as DPO scores them) and
-greedy answers to the held-out pairs' prompts with their lengths in tokens and words.
+trains a new DPO Pico. `measured` caches its numbers beside a run, in a file named for the
+held-out pairs' bytes (new pairs, new numbers): held-out preference accuracy
+(`tutor.eval.preference_accuracy`, summed log-probs as DPO scores them) and greedy answers to the
+held-out pairs' prompts, with how many of them admit a limit (`LIMIT`) and their lengths.
+
+Pico's pairs (data/pico_pairs.jsonl) teach one behaviour SFT never showed: to say what it cannot
+know or do (the time, live prices, the user's own facts, the future, acting in the world) rather
+than make up a confident answer. `LIMIT` is the keyword test of that on a generated answer.
 
 Not handled: any recipe but the shipped DPO one's base and template (the answers are asked with
 the run's recorded template), and sampling (answers are greedy so runs compare).
@@ -18,7 +23,9 @@ the run's recorded template), and sampling (answers are greedy so runs compare).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from tutor.common import CONFIG_FILE, atomic_write
@@ -27,8 +34,18 @@ from tutor.course.pico import Pico
 
 RECIPE = "smollm2_135m_dpo_pico"
 HELDOUT = "data/pico_pairs_heldout.jsonl"  # 20 pairs never trained on
-ANSWER_TOKENS = 64  # room for a rambling answer to show its length; a short one ends far sooner
-MEASURED_FILE = "measured.json"
+ANSWER_TOKENS = 64  # room for an answer to show what it does; a short one ends far sooner
+# An answer "admits a limit" when it says it cannot know or do something: the behaviour the
+# chosen answers show. Wider than their exact wording, so a paraphrase counts too.
+LIMIT = re.compile(r"\b(can't|cannot|can not|don't know|do not know|unable|not able|"
+                   r"don't have|do not have|no access|no way)\b", re.IGNORECASE)
+
+
+def locate(sft: Pico | None = None, overrides: Sequence[str] = ()) -> Pico:
+    """The cache folder of the DPO recipe + `overrides` from `sft` (default: the shipped SFT
+    Pico's folder); nothing is trained or created."""
+    sft = sft or pico.locate()
+    return pico.locate(RECIPE, [f"init_adapter={sft.run}", *overrides])
 
 
 def trained(sft: Pico | None = None, overrides: Sequence[str] = (), echo=print) -> Pico:
@@ -38,12 +55,21 @@ def trained(sft: Pico | None = None, overrides: Sequence[str] = (), echo=print) 
     return pico.trained(RECIPE, [f"init_adapter={sft.run}", *overrides], echo)
 
 
+def measured_file(run: Pico) -> Path:
+    """Where `measured` caches `run`'s numbers: named for the held-out file's bytes."""
+    from tutor.train_config import resolve_data_path
+
+    key = pico.digest([str(ANSWER_TOKENS)], [resolve_data_path(HELDOUT)])
+    return run.root / f"measured-{key}.json"
+
+
 def measured(run: Pico) -> dict[str, Any]:
     """``{"accuracy", "mean_margin", "token_accuracy", "mean_token_margin", "pairs",
-    "prompts", "answers", "tokens", "words"}`` of base + `run`'s adapter (fp32, greedy,
-    `ANSWER_TOKENS` new tokens, the run's template and system prompt), cached as measured.json
-    in `run`'s folder."""
-    cached = run.root / MEASURED_FILE
+    "prompts", "answers", "admits", "tokens", "words"}`` of base + `run`'s adapter (fp32,
+    greedy, `ANSWER_TOKENS` new tokens, the run's template and system prompt); ``admits`` holds
+    one bool per answer (`LIMIT` found). Cached in `run`'s folder as
+    measured-<digest of the held-out file>.json."""
+    cached = measured_file(run)
     if cached.is_file():
         return json.loads(cached.read_text(encoding="utf-8"))
     from peft import PeftModel
@@ -55,15 +81,16 @@ def measured(run: Pico) -> dict[str, Any]:
     from tutor.templates import get_template
     from tutor.train_config import load_config, resolve_data_path
 
+    path = resolve_data_path(HELDOUT)
     base, tokenizer = load(run.base_model)
     model = PeftModel.from_pretrained(base, run.run).eval()
     cfg = load_config(run.run / CONFIG_FILE)
     template = get_template(cfg.template, tokenizer=tokenizer)
-    path = resolve_data_path(HELDOUT)
     score = preference_accuracy(model, tokenizer, path, template, system=cfg.system)
     prompts = with_system_prompts(load_pairs(path), cfg.system)["prompt"]
     answers = reply_batch(model, tokenizer, prompts, ANSWER_TOKENS, template)
     out = {**score.to_json(), "prompts": [p[-1]["content"] for p in prompts], "answers": answers,
+           "admits": [bool(LIMIT.search(a)) for a in answers],
            "tokens": [len(tokenizer(a, add_special_tokens=False).input_ids) for a in answers],
            "words": [len(a.split()) for a in answers]}
     atomic_write(cached, json.dumps(out, indent=2) + "\n")
