@@ -154,8 +154,7 @@ def test_pico_experiments_07_2_and_08_2(capsys):
 
 def _distinct_sampled() -> int:
     """08.2 worked as the solution notebook does."""
-    from tutor.chat import GenerationSettings
-    from tutor.chat_repl import pick_system
+    from tutor.chat import GenerationSettings, pick_system
     from tutor.course import exercises_models as ex
     from tutor.course.pico import merged
     from tutor.course.sampling import sample_answers

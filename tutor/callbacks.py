@@ -10,7 +10,7 @@
   evaluation and at the end (rank 0 only).
 
 Not handled: TensorBoard/W&B (use ``report_to`` yourself). The validation loss itself is
-computed by Trainer (`tutor.validation`); this module only records and draws it.
+computed by Trainer (`tutor.trainer`); this module only records and draws it.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Any
 from transformers import TrainerCallback
 
 from tutor.common import CONFIG_FILE, apply_umask, atomic_file, atomic_write
+from tutor.models import keep_4bit_trainable
 from tutor.train_config import TrainConfig, resolve_data_path, save_config
-from tutor.validation import keep_4bit_trainable
 
 PROGRESS_FILE = "tutor_progress.json"  # token totals inside each checkpoint dir
 METRICS_FILE = "metrics.jsonl"
@@ -52,7 +52,7 @@ class EvaluateChatCallback(TrainerCallback):
         ev = self.cfg.evaluation
         was_training = model.training
         model.eval()
-        keep_4bit_trainable(model, was_training)  # why: tutor.validation's docstring
+        keep_4bit_trainable(model, was_training)  # why: tutor.trainer's docstring
         for prompt in self.answers:
             system = ev.system if ev.system is not None else self.cfg.system
             messages = with_system([{"role": "user", "content": prompt}], system)

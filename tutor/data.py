@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 from tutor.common import IGNORE_INDEX, Message, Sample
 from tutor.errors import TutorError
 from tutor.formats import PAIRS_FORMAT, iter_conversations, iter_pairs, validate_messages
-from tutor.quiet import no_progress_bars
+from tutor.offline import no_progress_bars
 from tutor.templates import ChatTemplate, Segment, get_template
 
 if TYPE_CHECKING:

@@ -35,13 +35,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tutor.errors import TutorError
-from tutor.gguf_check import QUESTIONS as QUICK_QUESTIONS  # also what exports are checked on
-from tutor.train_config import DATA_DIR
+from tutor.export.check import QUESTIONS as QUICK_QUESTIONS  # also what exports are checked on
+from tutor.train_config import ASSISTANT_RECIPE, DATA_DIR
 
 if TYPE_CHECKING:
     from tutor.eval import FileScore
 
-RECIPE = "smollm2_135m_qlora_assistant"
 HELDOUT = DATA_DIR / "assistant_heldout.jsonl"
 PROBE = DATA_DIR / "general_probe.jsonl"
 # Words of the taught identity: in an answer to a probe question they are over-reach.
@@ -168,7 +167,7 @@ def format_summary(s: dict[str, Any]) -> str:
 
 def run_practice(
     out: str | Path = "work_dirs/demo",
-    recipe: str = RECIPE,
+    recipe: str = ASSISTANT_RECIPE,
     overrides: Sequence[str] = (),
     heldout: str | Path = HELDOUT,
     probe: str | Path = PROBE,
@@ -253,7 +252,7 @@ def run_practice(
 def answer_from_file(path: Path, question: str, max_new_tokens: int) -> str:
     """Greedy answer to `question` from a GGUF file (llama.cpp if installed, else transformers)."""
     from tutor.chat import GenerationSettings
-    from tutor.chat_repl import open_session
+    from tutor.chat.load import open_session
 
     session = open_session(str(path), settings=GenerationSettings(max_new_tokens=max_new_tokens))
     answer = session.send(question)

@@ -204,12 +204,12 @@ def score_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
     if isinstance(template, str):
         template = get_template(template, tokenizer=tokenizer)
-    from tutor.validation import keep_4bit_trainable
+    from tutor.models import keep_4bit_trainable
 
     items = {str(p): load_items(p, system) for p in paths}  # every file checked before any work
     was_training = model.training
     model.eval()
-    keep_4bit_trainable(model, was_training)  # mid-training: see tutor.validation
+    keep_4bit_trainable(model, was_training)  # mid-training: see tutor.trainer
     try:  # every file's questions in one list, so that they share batches
         scores = iter(score_items(model, tokenizer, template,
                                   [i for its in items.values() for i in its], max_new_tokens, echo))
@@ -224,7 +224,7 @@ def evaluate(model: str, paths: Sequence[str | Path], adapter: str | None = None
     """Load `model` (+ `adapter`) exactly as `tutor chat` does (its recorded system prompt
     included) and score `paths` (each as
     written, else relative to the shipped recipes: ``data/general_probe.jsonl`` works anywhere)."""
-    from tutor.chat_repl import open_session
+    from tutor.chat.load import open_session
     from tutor.train_config import resolve_data_path
 
     # As in recipes: relative to the working directory, else to the shipped data.
@@ -282,9 +282,9 @@ def preference_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     import torch
 
     from tutor.data import encode_pairs, load_pairs, with_system_prompts
+    from tutor.models import keep_4bit_trainable
     from tutor.packing import SHARE_BACKENDS, collate, pack_pairs
     from tutor.preference import answer_logps
-    from tutor.validation import keep_4bit_trainable
 
     attn = model.config._attn_implementation
     attn = attn if attn in SHARE_BACKENDS else "sdpa"  # flash-attn cannot share the prompt
@@ -296,7 +296,7 @@ def preference_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
                   - q["prompt_length"] for q in pairs)
     margins, token_margins, was_training = [], [], model.training
     model.eval()
-    keep_4bit_trainable(model, was_training)  # mid-training: see tutor.validation
+    keep_4bit_trainable(model, was_training)  # mid-training: see tutor.trainer
     try:
         with torch.inference_mode():
             for pack in pack_pairs(pairs, max(pack_length, longest)):
@@ -314,7 +314,7 @@ def preference_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
 def evaluate_pairs(model: str, paths: Sequence[str | Path], adapter: str | None = None,
                    template: str | None = None) -> list[PreferenceScore]:
     """`preference_accuracy` of each pair file, the model loaded as `evaluate` loads it."""
-    from tutor.chat_repl import open_session
+    from tutor.chat.load import open_session
     from tutor.train_config import resolve_data_path
 
     paths = [resolve_data_path(p, "tutor eval") for p in paths]

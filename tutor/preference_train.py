@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from tutor.errors import TutorError
 from tutor.packing import PackedDataset
 from tutor.preference import REWARD_KEYS, answer_logps, dpo_loss, orpo_loss
-from tutor.validation import ValidationTrainer
+from tutor.trainer import ValidationTrainer
 
 if TYPE_CHECKING:
     import torch

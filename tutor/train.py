@@ -17,7 +17,7 @@ unchanged (tests/test_train.py, tests/test_chunked_loss.py compare it with the m
 
 Validation (``data.validation``: a file, or a seeded fraction of each dataset held out
 before packing) is packed and collated like the training data and evaluated by Trainer's
-own loop (`tutor.validation`): ``eval_loss`` before training, every ``train.eval_steps``
+own loop (`tutor.trainer`): ``eval_loss`` before training, every ``train.eval_steps``
 and at the end, in metrics.jsonl and loss.png beside the training loss.
 
 Preference tuning (``method: dpo | orpo``) takes the same road with pair files: the
@@ -321,7 +321,7 @@ def training_arguments(cfg: TrainConfig, precision: str, deepspeed: str | None =
     """Map the recipe onto `transformers.TrainingArguments` (the one place that does).
 
     `validate`: there is a validation set; evaluate it before training and every
-    ``train.eval_steps`` (`tutor.validation.EvaluateAtEnd` adds the last step).
+    ``train.eval_steps`` (`tutor.trainer.EvaluateAtEnd` adds the last step).
     """
     import torch
     from transformers import TrainingArguments
@@ -447,7 +447,7 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed: str | None,
     """`train` once output_dir is claimed: model, data, Trainer, saved results."""
     from tutor.callbacks import EvaluateChatCallback, MetricsCallback, ThroughputCallback
     from tutor.measure import optimizer_held_bytes
-    from tutor.validation import EvaluateAtEnd
+    from tutor.trainer import EvaluateAtEnd
 
     resume_from, start_step = resume_point(cfg.output_dir) if resume else (None, 0)
     precision = resolve_precision(cfg.train.precision)
@@ -495,10 +495,10 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed: str | None,
 
 
 def make_trainer(cfg: TrainConfig, **kwargs: Any) -> Any:
-    """The Trainer for `cfg.method`: `tutor.validation.ValidationTrainer` (SFT, with the
+    """The Trainer for `cfg.method`: `tutor.trainer.ValidationTrainer` (SFT, with the
     chunked loss where it applies) or `tutor.preference_train.PreferenceTrainer` (dpo, orpo)."""
     if cfg.method == "sft":
-        from tutor.validation import ValidationTrainer
+        from tutor.trainer import ValidationTrainer
 
         zero3 = _zero_stage(kwargs["args"]) == 3
         return ValidationTrainer(loss_chunk=resolve_chunked_loss(cfg, kwargs["model"], zero3),

@@ -184,7 +184,6 @@ def _block_mask(answer: Any) -> Verdict:
 # ── 06 QLoRA training ─────────────────────────────────────────────────────────────────
 
 
-RECIPE = "smollm2_135m_qlora_assistant"
 
 
 def _scale_inputs() -> dict[str, Any]:
@@ -235,15 +234,15 @@ def _lora_scale(answer: Any) -> Verdict:
 @exercise("06.2", "optimizer steps of the recipe with data.max_length=256")
 def _recipe_steps(answer: Any) -> Verdict:
     from tutor.train import build_dataset
-    from tutor.train_config import load_config
+    from tutor.train_config import ASSISTANT_RECIPE, load_config
 
-    cfg = load_config(RECIPE, ["data.max_length=256"])
+    cfg = load_config(ASSISTANT_RECIPE, ["data.max_length=256"])
     dataset, _, reports = build_dataset(cfg, bundled_tokenizer())
     packs, samples, t = len(dataset), sum(r.kept for r in reports), cfg.train
     # transformers.Trainer: ceil(batches / grad_accum) steps per epoch, ceil(epochs × that)
     per_epoch = math.ceil(math.ceil(packs / t.batch_size) / t.grad_accum)
     steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * per_epoch)
-    shipped = load_config(RECIPE)
+    shipped = load_config(ASSISTANT_RECIPE)
     full = math.ceil(shipped.train.epochs * len(build_dataset(shipped, bundled_tokenizer())[0]))
     return judge(as_int(answer), steps,
                  why=f"{packs} packs of ≤ {cfg.data.max_length} tokens per epoch × "
@@ -474,8 +473,7 @@ SAMPLING = {"question": "Give me one tip for learning a new language.", "seeds":
 @exercise("08.2", "distinct answers of Pico sampled at temperature 1.0, top-p 0.8",
           given=SAMPLING)
 def _sampled_answers(answer: Any) -> Verdict:
-    from tutor.chat import GenerationSettings
-    from tutor.chat_repl import pick_system
+    from tutor.chat import GenerationSettings, pick_system
     from tutor.course.pico import merged
     from tutor.course.sampling import sample_answers
     from tutor.models import load

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from tutor.common import CONFIG_FILE, atomic_dir, atomic_write
+from tutor.train_config import ASSISTANT_RECIPE
 
-RECIPE = "smollm2_135m_qlora_assistant"
 RESULT_FILE = "result.json"  # global_step, metrics and seconds of the cached training run
 # What the notebooks show themselves (answers, scores) is not also asked during training, and
 # the log lines replace the progress bar; none of these changes the weights, so not the key.
@@ -87,7 +87,7 @@ def _digest(texts: Sequence[str], files: Sequence[str | Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def run_key(recipe: str = RECIPE, overrides: Sequence[str] = ()) -> str:
+def run_key(recipe: str = ASSISTANT_RECIPE, overrides: Sequence[str] = ()) -> str:
     """16 hex digits naming the weights that `recipe` + `overrides` produce here."""
     from tutor.train_config import load_config, resolve_data_path, to_yaml
 
@@ -95,7 +95,7 @@ def run_key(recipe: str = RECIPE, overrides: Sequence[str] = ()) -> str:
     return _digest([to_yaml(cfg)], [resolve_data_path(s.path) for s in cfg.data.datasets])
 
 
-def locate(recipe: str = RECIPE, overrides: Sequence[str] = ()) -> Pico:
+def locate(recipe: str = ASSISTANT_RECIPE, overrides: Sequence[str] = ()) -> Pico:
     """The cache folder of `recipe` + `overrides` (nothing is trained or created)."""
     from tutor.models import tutor_home
     from tutor.train_config import load_config
@@ -104,7 +104,7 @@ def locate(recipe: str = RECIPE, overrides: Sequence[str] = ()) -> Pico:
     return Pico(tutor_home() / "runs" / f"{recipe}-{run_key(recipe, overrides)}", recipe, base)
 
 
-def trained(recipe: str = RECIPE, overrides: Sequence[str] = (), echo=print) -> Pico:
+def trained(recipe: str = ASSISTANT_RECIPE, overrides: Sequence[str] = (), echo=print) -> Pico:
     """Pico with its training run done: from the cache, or trained now (minutes) and cached.
 
     `echo` gets one line saying which, with the training time.

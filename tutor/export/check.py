@@ -154,7 +154,7 @@ def load_gguf(path: str | Path) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tutor.quiet import no_progress_bars
+    from tutor.offline import no_progress_bars
 
     tokenizer = gguf_tokenizer(path)
     with _alone(Path(path)) as link, no_progress_bars():
