@@ -34,8 +34,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tutor.checkpoints import check_safetensors
 from tutor.common import atomic_dir
 from tutor.errors import TutorError, warn
+from tutor.models import load, lora_base_dtype, resolve, resolve_precision
+from tutor.offline import no_progress_bars
 from tutor.runs import ADAPTER_META, MERGED_META, read_json, recorded, recorded_config, write_record
 
 if TYPE_CHECKING:
@@ -66,8 +69,6 @@ def adapter_bytes(path: Path) -> int:
 def check_adapter_dir(path: Path) -> dict[str, Any]:
     """Raise `TutorError` unless `path` holds a complete peft adapter whose config matches
     its weights; return its adapter_config."""
-    from tutor.checkpoints import check_safetensors
-
     path = Path(path)
     missing = [f for f in ADAPTER_FILES if not (path / f).is_file()]
     if missing:
@@ -141,8 +142,6 @@ def convert_checkpoint(
 def _other_base(adapter_dir: Path, base_name: str) -> str | None:
     """The base recorded for the adapter (tutor's metadata, else peft's) when it is not
     `base_name`, else None."""
-    from tutor.models import resolve
-
     wanted = recorded(adapter_dir, "base_model") or read_json(
         adapter_dir / "adapter_config.json").get("base_model_name_or_path")
     if not wanted or wanted == base_name or Path(str(wanted)).name == Path(base_name).name:
@@ -239,9 +238,6 @@ def merge(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tutor.models import load
-    from tutor.offline import no_progress_bars
-
     adapter = Path(adapter)
     check_adapter_dir(adapter)
     if dtype not in TOLERANCE:
@@ -301,8 +297,6 @@ def _load_nf4_base_into(model: PreTrainedModel, base: str, adapter: Path) -> Any
     import torch
     from bitsandbytes.functional import dequantize_4bit
     from bitsandbytes.nn import Params4bit
-
-    from tutor.models import load, lora_base_dtype, resolve_precision
 
     bits = recorded(adapter, "bits")
     if bits not in (None, 4):

@@ -3,7 +3,8 @@
 What each directory records, read and written here alone:
 
 - a run or checkpoint directory: ``tutor_config.yaml`` (`tutor.common.CONFIG_FILE`, the
-  recipe as trained; written by `tutor.callbacks`), read with `recorded_config`;
+  recipe as trained; written by `tutor.callbacks`), read with `recorded_config`; and the
+  logs `tutor.callbacks` writes: ``METRICS_FILE``, ``LOSS_PLOT``, ``PROGRESS_FILE``;
 - an adapter directory (`tutor convert`): ``ADAPTER_META``, the base model, template, system
   prompt, bits and precision it was trained with;
 - a merged model directory (`tutor merge`): ``MERGED_META``, provenance and the logits check;
@@ -56,6 +57,9 @@ LOCK_FILE = ".tutor.lock"
 ADAPTER_META = "tutor_adapter.json"  # written by convert: base model + template
 MERGED_META = "tutor_model.json"  # written by merge: provenance + the logits check
 SOURCE_FILE = "source.json"  # written last by a bundled model's conversion: the GGUF it read
+METRICS_FILE = "metrics.jsonl"  # a run's training and validation logs, one JSON object a line
+LOSS_PLOT = "loss.png"  # a run's loss curves
+PROGRESS_FILE = "tutor_progress.json"  # token totals inside each checkpoint dir
 
 
 def read_json(path: Path) -> dict[str, Any]:
