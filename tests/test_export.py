@@ -240,7 +240,7 @@ def test_recipe_system_prompt_reaches_the_gguf_and_the_modelfile(tmp_path):
     """A recipe's `system:` replaces the template's default in the SYSTEM line, is written
     as tutor.system in the file, and `tutor chat FILE.gguf` uses it by default."""
     from tutor.chat import pick_system
-    from tutor.common import GGUF_SYSTEM_KEY
+    from tutor.runs import GGUF_SYSTEM_KEY
 
     chatml = get_template("qwen_chat")
     lines = modelfile_text("pico.gguf", chatml, system="You are Pico.").splitlines()

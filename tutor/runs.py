@@ -9,7 +9,9 @@ What each directory records, read and written here alone:
   prompt, bits and precision it was trained with;
 - a merged model directory (`tutor merge`): ``MERGED_META``, provenance and the logits check;
 - a converted bundled model: ``SOURCE_FILE``, the GGUF it came from (written last: its
-  presence marks a finished conversion).
+  presence marks a finished conversion);
+- an exported GGUF file: the recipe's system prompt under the metadata key ``GGUF_SYSTEM_KEY``
+  (written by `tutor.export.writer`, read by `tutor.chat.load.pick_system`).
 
 `recorded(path, key)` answers from whichever of these a directory holds; `pick_template` and
 `recorded_system` choose what chat, eval and export use by default.
@@ -60,6 +62,7 @@ SOURCE_FILE = "source.json"  # written last by a bundled model's conversion: the
 METRICS_FILE = "metrics.jsonl"  # a run's training and validation logs, one JSON object a line
 LOSS_PLOT = "loss.png"  # a run's loss curves
 PROGRESS_FILE = "tutor_progress.json"  # token totals inside each checkpoint dir
+GGUF_SYSTEM_KEY = "tutor.system"  # GGUF metadata: the recipe's system prompt, when it set one
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -18,12 +18,11 @@ from pathlib import Path
 from tutor.chat.llamacpp import available as llamacpp_available
 from tutor.chat.llamacpp import gguf_session
 from tutor.chat.session import ChatSession, GenerationSettings
-from tutor.common import GGUF_SYSTEM_KEY
 from tutor.errors import TutorError
 from tutor.export.check import check_gguf, load_gguf
 from tutor.merge import check_adapter_dir, check_compatible
 from tutor.models import load
-from tutor.runs import pick_template, recorded_system
+from tutor.runs import GGUF_SYSTEM_KEY, pick_template, recorded_system
 
 __all__ = ["open_session", "pick_system", "pick_template"]
 

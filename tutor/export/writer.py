@@ -34,14 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tutor.common import GGUF_SYSTEM_KEY, atomic_file
+from tutor.common import atomic_file
 from tutor.errors import TutorError
 from tutor.export.check import check_export
 from tutor.export.modelfile import write_modelfile
 from tutor.export.vocab import add_vocab
 from tutor.merge import merge
 from tutor.models import load, resolve
-from tutor.runs import pick_template, recorded_system
+from tutor.runs import GGUF_SYSTEM_KEY, pick_template, recorded_system
 from tutor.templates import get_template
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ from tutor.course import lab
 from tutor.course.checks import Hint, choice
 from tutor.errors import TutorError
 
-NBS = Path(__file__).resolve().parent.parent / "nbs"
+NBS = Path(__file__).resolve().parents[2] / "nbs"
 LLAMA2 = "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi! [/INST] Hello. </s>"
 
 # The pack of 2, 4 and 3 tokens of 05.3, written out: a causal triangle per sample
