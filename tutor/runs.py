@@ -1,6 +1,7 @@
 """Run directories: what a run, an adapter or a merged model records, and who owns a run.
 
-What each directory records, read and written here alone:
+What each directory records (every file name and key defined here; tutor's JSON records
+written with `write_record` and read with `recorded`):
 
 - a run or checkpoint directory: ``tutor_config.yaml`` (`tutor.common.CONFIG_FILE`, the
   recipe as trained; written by `tutor.callbacks`), read with `recorded_config`; and the
