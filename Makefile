@@ -35,7 +35,7 @@ demo: setup
 	$(BIN)/tutor demo
 
 test: setup
-	$(BIN)/python -m pytest tests/ -q
+	$(BIN)/python -m pytest tests/ -q --durations=25
 	$(BIN)/python -m pytest --nbval-lax --nbval-current-env nbs/ -q
 
 test-fast: setup

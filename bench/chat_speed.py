@@ -141,7 +141,7 @@ def one_engine(name: str, max_new_tokens: int, threads: int | None) -> dict:
     if isinstance(spec, str):
         from transformers import AutoTokenizer
 
-        from tutor.chat_llamacpp import LlamaCppTokenizer, open_llama
+        from tutor.chat.llamacpp import LlamaCppTokenizer, open_llama
         from tutor.models import resolve
 
         # the tokenizer only (its chat template): loading the HF model would inflate the RSS
@@ -179,7 +179,7 @@ def one_engine(name: str, max_new_tokens: int, threads: int | None) -> dict:
 
 def gguf_table(results: dict) -> str:
     """Markdown: engine, prompt, tok/s, x HF fp32, leading tokens equal to HF fp32, RSS."""
-    from tutor.gguf_check import leading_equal
+    from tutor.export.check import leading_equal
 
     base = {r["prompt"]: r for r in results["hf fp32"]["rows"]}
     lines = ["| engine | prompt | tok/s | x HF fp32 | tokens equal to HF fp32 | peak RSS MiB |",

@@ -2,7 +2,7 @@
 
 The bundled SmolLM2-135M-Instruct (vocab 49,152), LoRA r=8 on all linear layers, the assistant
 data packed into 512-token rows, `--packs` rows per step, tutor.train's path (Trainer +
-tutor.validation.ValidationTrainer), no evaluation. Per mode, in its own subprocess:
+tutor.trainer.ValidationTrainer), no evaluation. Per mode, in its own subprocess:
 
   peak step MiB   tutor.measure.measure_step on one batch: live tensor bytes, forward +
                   backward + optimizer step (what the loss change is about)

@@ -1,10 +1,10 @@
 """Measure what `tutor export` costs in accuracy, per GGUF type, on the bundled model.
 
 For f16, bf16, q8_0 and q4_0: export SmolLM2-135M-Instruct (no built-in check), reload the
-file with transformers and compare with the fp32 source on `tutor.gguf_check`'s prompts
+file with transformers and compare with the fp32 source on `tutor.export.check`'s prompts
 (the demo's questions in the chat template + one plain sentence): max |logit difference|,
 next-token (argmax) agreement over every position, leading greedy tokens equal (of 16).
-These numbers set `tutor.gguf_check.TOLERANCE` / `MIN_AGREEMENT`. One run; the results
+These numbers set `tutor.export.check.TOLERANCE` / `MIN_AGREEMENT`. One run; the results
 are deterministic for a given transformers/gguf version (no timing is involved).
 
 Usage: python bench/export_check.py [--types f16 bf16 q8_0 q4_0]
@@ -22,7 +22,7 @@ OUT = Path(__file__).parent / "results"
 
 
 def table(results: dict) -> str:
-    from tutor.gguf_check import GREEDY_TOKENS, MIN_AGREEMENT, TOLERANCE
+    from tutor.export.check import GREEDY_TOKENS, MIN_AGREEMENT, TOLERANCE
 
     lines = ["| type | file MiB | max \\|logit diff\\| | next-token agreement | "
              f"greedy tokens equal (of {GREEDY_TOKENS}, per question) | tolerance | "
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=["f16", "bf16", "q8_0", "q4_0"])
     args = parser.parse_args()
     from tutor.export import export_model
-    from tutor.gguf_check import compare, load_gguf, probe_prompts
+    from tutor.export.check import compare, load_gguf, probe_prompts
     from tutor.models import load, resolve
     from tutor.templates import get_template
 

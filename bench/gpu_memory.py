@@ -4,7 +4,7 @@ Memory and speed do not depend on the weights' values, so no checkpoint is downl
 model is a randomly initialised decoder of a real shape (`tutor.memory.KNOWN`), written once
 as a bf16 safetensors checkpoint (with the bundled tokenizer) under --workdir, then trained
 with tutor's own path — `tutor.train.train`: tutor.models.load with bitsandbytes NF4 + double
-quantisation, peft LoRA, packing, `tutor.validation.ValidationTrainer` with the chunked loss
+quantisation, peft LoRA, packing, `tutor.trainer.ValidationTrainer` with the chunked loss
 — on synthetic pretraining text (every token trained: the estimator's assumption), one
 2,048-token pack per step. Printed per model:
 

@@ -50,6 +50,8 @@ import sys
 import time
 from pathlib import Path
 
+from tutor.common import IGNORE_INDEX
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DATA = ROOT / "tutor" / "configs" / "data"  # what the shipped recipes train on
@@ -109,7 +111,7 @@ class Counting:
         mask = batch.get("attention_mask")  # padded batches: real tokens; packed rows: all
         padded = mask is not None and mask.dim() == 2
         real = int(mask.sum()) if padded else batch["input_ids"].numel()
-        self.batches.append((int((labels != -100).sum()), real))
+        self.batches.append((int((labels != IGNORE_INDEX).sum()), real))
         return batch
 
 
@@ -139,7 +141,7 @@ def isolated_losses(adapter_dir: Path, train_file: Path) -> tuple[float, float]:
             for row in encoded:
                 labels = torch.tensor([row["labels"]])
                 out = model(input_ids=torch.tensor([row["input_ids"]]), labels=labels)
-                n = int((labels[:, 1:] != -100).sum())
+                n = int((labels[:, 1:] != IGNORE_INDEX).sum())
                 total, count = total + out.loss.item() * n, count + n
         results.append(round(total / count, 4))
     return results[0], results[1]
@@ -233,7 +235,7 @@ def run_padding(steps: int, out: Path, train_file: Path):
         seed=SEED, use_cpu=True, bf16=native_bf16(), report_to=[], logging_steps=1,
         save_strategy="no", per_device_train_batch_size=padded_batch_size(encoded),
         disable_tqdm=True)
-    collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE_INDEX)
     trainer = Trainer(model=model, args=args, train_dataset=encoded, data_collator=collator)
     return _run_trainer(trainer, "answers")
 

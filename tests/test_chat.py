@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from tiny_lora import tiny_base, train_checkpoint
 
-from tutor.chat import ChatSession, GenerationSettings, _StopWordFilter, ask, generate, reply
+from tutor.chat import ChatSession, GenerationSettings, StopWordFilter, ask, generate, reply
 from tutor.errors import TutorError
 
 TUTOR = [sys.executable, "-m", "tutor"]
@@ -21,14 +21,14 @@ TUTOR = [sys.executable, "-m", "tutor"]
 
 def test_stop_word_filter_holds_back_a_forming_stop_word_and_cuts_it():
     got: list[str] = []
-    f = _StopWordFilter(["### Human:"], got.append)
+    f = StopWordFilter(["### Human:"], got.append)
     for piece in ["\nParis is ", "the capital.\n#", "## Hu", "man: next question"]:
         f.feed(piece)
     f.feed("", final=True)
     assert got == ["Paris is", " the capital."]  # whitespace waits: it may end the answer
     assert (f.text, f.stopped) == ("\nParis is the capital.\n", True)
     g: list[str] = []
-    f = _StopWordFilter(["### Human:"], g.append)
+    f = StopWordFilter(["### Human:"], g.append)
     f.feed("a #")
     f.feed("# b ", final=True)  # not a stop word after all: released at the end
     assert g == ["a", " ## b"] and not f.stopped
@@ -223,12 +223,12 @@ def test_sampling_options_reach_generate(tiny):
 
 
 def test_chat_flags_build_the_generation_settings(monkeypatch):
-    from tutor import chat_repl
+    from tutor.chat import load, repl
     from tutor.cli import main
 
     seen = {}
-    monkeypatch.setattr(chat_repl, "open_session", lambda model, **kw: seen.update(kw) or 1)
-    monkeypatch.setattr(chat_repl, "run_chat", lambda *a, **kw: 0)
+    monkeypatch.setattr(load, "open_session", lambda model, **kw: seen.update(kw) or 1)
+    monkeypatch.setattr(repl, "run_chat", lambda *a, **kw: 0)
     assert main(["chat", "m", "--temperature", "0.7", "--top-p", "0.9",
                  "--repetition-penalty", "1.3", "--system", "Be brief."]) == 0
     assert seen["settings"] == GenerationSettings(temperature=0.7, top_p=0.9,

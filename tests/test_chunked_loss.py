@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tutor.chunked_loss import causal_lm_loss, chunked_ce, chunked_ce_sum, output_head
+from tutor.common import IGNORE_INDEX
 
 LOSS = {"rtol": 1e-6, "atol": 0.0}
 GRAD = {"rtol": 1e-5, "atol": 1e-7}
@@ -30,11 +31,11 @@ def _data(k: int, h: int = 16, v: int = 97, seed: int = 0):
 @pytest.mark.parametrize("chunk", [1, 5, 16, 37, 1000])  # 37 rows: 5 and 16 do not divide it
 def test_loss_and_both_gradients_equal_cross_entropy(chunk):
     hidden, weight, target = _data(37)
-    target[[0, 3, 36]] = -100  # untrained rows: no loss, no gradient
+    target[[0, 3, 36]] = IGNORE_INDEX  # untrained rows: no loss, no gradient
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     ours = chunked_ce(h1, w1, target, chunk=chunk)
-    ref = F.cross_entropy(h2 @ w2.T, target, ignore_index=-100)
+    ref = F.cross_entropy(h2 @ w2.T, target, ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(ours, ref, **LOSS)
     ours.backward()
     ref.backward()
@@ -46,7 +47,7 @@ def test_loss_and_both_gradients_equal_cross_entropy(chunk):
 def test_ignored_rows_change_nothing_and_sum_divides_by_num_items():
     hidden, weight, target = _data(12)
     masked = target.clone()
-    masked[5:] = -100
+    masked[5:] = IGNORE_INDEX
     ours = chunked_ce(hidden, weight, masked, chunk=4)
     torch.testing.assert_close(ours, F.cross_entropy(hidden[:5] @ weight.T, target[:5]), **LOSS)
     summed = chunked_ce(hidden, weight, masked, num_items_in_batch=torch.tensor(20), chunk=4)
@@ -58,7 +59,7 @@ def test_no_trained_token_is_nan_as_in_transformers_and_gives_zero_gradients():
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     hidden, weight, _ = _data(6)
-    target = torch.full((6,), -100)
+    target = torch.full((6,), IGNORE_INDEX)
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     ours = chunked_ce(h1, w1, target, chunk=4)
     ref = ForCausalLMLoss(hidden @ weight.T, None, 97, shift_labels=target)
@@ -135,7 +136,7 @@ def _samples(vocab: int = 512):
     out = []
     for n, answer in [(9, 4), (6, 2), (11, 6), (5, 1), (7, 3)]:
         ids = torch.randint(3, vocab, (n,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [-100] * (n - answer) + ids[n - answer:]})
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (n - answer) + ids[n - answer:]})
     return out
 
 
@@ -240,7 +241,7 @@ def test_trainer_steps_with_packing_equal_the_unchunked_run(tmp_path, monkeypatc
     from transformers import TrainingArguments
 
     import tutor.chunked_loss
-    from tutor.validation import ValidationTrainer
+    from tutor.trainer import ValidationTrainer
 
     calls = []
     real = tutor.chunked_loss.causal_lm_loss

@@ -171,7 +171,7 @@ def test_exact_ids_and_labels_of_a_small_chat(tok):
     sample = encode([s("S"), u("Hi"), a("Hello!")], tok, template="chatml")
     assert sample["input_ids"] == [1, 9690, 198, 67, 2, 198, 1, 4093, 198, 26843, 2, 198,
                                    1, 520, 9531, 198, 19556, 17, 2, 198]
-    assert sample["labels"] == [-100] * 16 + [19556, 17, 2, -100]
+    assert sample["labels"] == [IGNORE_INDEX] * 16 + [19556, 17, 2, IGNORE_INDEX]
 
 
 def test_named_chatml_equals_auto_when_system_given(tok):

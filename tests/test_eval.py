@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from tiny_lora import tiny_base
 
+from tutor.common import IGNORE_INDEX
 from tutor.errors import TutorError
 from tutor.train_config import config_from_dict
 
@@ -101,7 +102,7 @@ def test_validation_loss_is_the_training_loss_on_the_same_batch(tmp_path):
 
     from tutor.packing import PackCollator
     from tutor.train import build_dataset, build_model, training_arguments
-    from tutor.validation import ValidationTrainer
+    from tutor.trainer import ValidationTrainer
 
     cfg = config_from_dict({**recipe(tmp_path, validation=0.1), "bits": 4})
     model, tok = build_model(cfg, "fp32")
@@ -119,7 +120,7 @@ def test_validation_loss_is_the_training_loss_on_the_same_batch(tmp_path):
     assert four_bit and all(m.training for m in four_bit)
     model.train()
     batch = collator(one)
-    n = int((batch["shift_labels"] != -100).sum())
+    n = int((batch["shift_labels"] != IGNORE_INDEX).sum())
     with torch.no_grad():
         train_loss = trainer.compute_loss(model, batch, num_items_in_batch=n)
     assert eval_loss == train_loss.item()
@@ -172,7 +173,7 @@ def planted(tmp_path_factory) -> Path:
 def test_scorer_counts_a_hit_not_a_miss_and_its_loss_is_the_training_loss(planted, tmp_path):
     import torch
 
-    from tutor.chat_repl import open_session
+    from tutor.chat import open_session
     from tutor.data import encode
     from tutor.eval import answer_loss, evaluate
     from tutor.packing import PackCollator, pack
@@ -199,7 +200,7 @@ def test_scorer_counts_a_hit_not_a_miss_and_its_loss_is_the_training_loss(plante
                     {"role": "assistant", "content": row["answer"]}]
         sample = encode(messages, tok)
         batch = PackCollator("sdpa", tok.pad_token_id, keep_logits=True)(list(pack([sample], 64)))
-        n = int((batch["shift_labels"] != -100).sum())
+        n = int((batch["shift_labels"] != IGNORE_INDEX).sum())
         with torch.no_grad():
             train_loss = model(**batch).loss.item()
         loss, tokens = answer_loss(model, sample)

@@ -19,8 +19,8 @@ from gotemplate import ollama_render  # noqa: E402
 
 from tutor.errors import TutorError  # noqa: E402
 from tutor.export import TYPES, export_gguf, export_model, unpermute_rows  # noqa: E402
-from tutor.gguf_check import TOLERANCE, compare, load_gguf, probe_prompts  # noqa: E402
-from tutor.modelfile import (  # noqa: E402
+from tutor.export.check import TOLERANCE, compare, load_gguf, probe_prompts  # noqa: E402
+from tutor.export.modelfile import (  # noqa: E402
     go_template,
     modelfile_text,
     probe_conversations,
@@ -157,8 +157,7 @@ def test_untied_head_and_block_fallback(tmp_path):
 
 def test_chat_with_the_file_through_transformers(tmp_path, capsys):
     """`tutor chat FILE.gguf --backend transformers` answers as the source model does."""
-    from tutor.chat import ChatSession, GenerationSettings
-    from tutor.chat_repl import open_session
+    from tutor.chat import ChatSession, GenerationSettings, open_session
     from tutor.cli import main
 
     model, tok = tiny_llama(tmp_path / "src")
@@ -240,8 +239,8 @@ def test_modelfile_text_for_chatml():
 def test_recipe_system_prompt_reaches_the_gguf_and_the_modelfile(tmp_path):
     """A recipe's `system:` replaces the template's default in the SYSTEM line, is written
     as tutor.system in the file, and `tutor chat FILE.gguf` uses it by default."""
-    from tutor.chat_repl import pick_system
-    from tutor.common import GGUF_SYSTEM_KEY
+    from tutor.chat import pick_system
+    from tutor.runs import GGUF_SYSTEM_KEY
 
     chatml = get_template("qwen_chat")
     lines = modelfile_text("pico.gguf", chatml, system="You are Pico.").splitlines()
@@ -323,7 +322,7 @@ def test_llamacpp_answers_the_demo_questions_as_transformers(bundled_ggufs):
     import torch
 
     from tutor.chat import stop_token_ids
-    from tutor.chat_llamacpp import LlamaCppTokenizer, open_llama
+    from tutor.chat.llamacpp import LlamaCppTokenizer, open_llama
 
     model, tok, paths = bundled_ggufs
     llm = open_llama(paths["f16"], n_ctx=512)
@@ -371,8 +370,8 @@ def test_llamacpp_follows_the_source_on_quantised_files(bundled_ggufs, kind, bou
 @pytest.mark.slow
 @LLAMACPP
 def test_llamacpp_session_streams_stops_and_resets(bundled_ggufs):
-    from tutor.chat import GenerationSettings
-    from tutor.chat_repl import command, open_session
+    from tutor.chat import GenerationSettings, open_session
+    from tutor.chat.repl import command
 
     _, _, paths = bundled_ggufs
     session = open_session(paths["f16"], settings=GenerationSettings(max_new_tokens=48))

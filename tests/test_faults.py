@@ -23,6 +23,7 @@ import yaml
 from test_cli import run_offline_bnb
 from tiny_lora import tiny_base, train_checkpoint
 
+from tutor.common import CONFIG_FILE
 from tutor.merge import ADAPTER_FILES, convert_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -347,11 +348,11 @@ def test_a_finished_runs_output_dir_is_refused_then_overwritten(tiny, tmp_path, 
     assert listing(run) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
                             "chat_template.jinja", "checkpoint-2", "loss.png", "metrics.jsonl",
                             "tokenizer.json", "tokenizer_config.json", "training_args.bin",
-                            "tutor_config.yaml"]
+                            CONFIG_FILE]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if "loss" in row] == [1, 2]  # the old run's are gone
     assert [row["step"] for row in rows if "train_runtime" in row] == [2]  # one end-of-run
-    assert yaml.safe_load((run / "tutor_config.yaml").read_text())["train"]["max_steps"] == 2
+    assert yaml.safe_load((run / CONFIG_FILE).read_text())["train"]["max_steps"] == 2
 
 
 @pytest.mark.slow
@@ -483,7 +484,7 @@ def tiny_gguf(tmp_path_factory):
     from test_export import tiny_llama
 
     from tutor.export import export_model
-    from tutor.modelfile import write_modelfile
+    from tutor.export.modelfile import write_modelfile
     from tutor.templates import get_template
 
     root = tmp_path_factory.mktemp("gguf")
@@ -505,7 +506,7 @@ def test_exported_gguf_and_modelfile_are_readable_by_others(tiny_gguf):
 
 @pytest.mark.parametrize("backend", ["transformers", "llama.cpp"])
 def test_chat_refuses_a_truncated_or_fake_gguf_naming_the_file(tiny_gguf, tmp_path, backend):
-    from tutor.gguf_check import check_gguf
+    from tutor.export.check import check_gguf
 
     check_gguf(tiny_gguf)  # the whole file passes
     cut = tmp_path / "cut.gguf"

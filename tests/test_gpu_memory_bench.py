@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tutor.common import IGNORE_INDEX
 from tutor.memory import GIB, GPU_RECIPE, KNOWN, estimate
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "gpu_memory.py"
@@ -70,7 +71,7 @@ def test_text_data_fills_every_pack_with_trained_tokens(bench, tmp_path):
     conversations = load_conversations(str(path))
     sample = encode(conversations[0]["messages"], bundled_tokenizer(), max_length=2048)
     assert len(sample["input_ids"]) == 2048
-    assert sum(label != -100 for label in sample["labels"]) > 2000
+    assert sum(label != IGNORE_INDEX for label in sample["labels"]) > 2000
 
 
 def test_without_cuda_it_says_so_in_one_line():

@@ -7,10 +7,12 @@ the package uses to stay fast to import), so a lazy import that closes a cycle c
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tutor"
 COURSE = "tutor.course"
+ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
 
 
 def module_name(path: Path) -> str:
@@ -125,8 +127,28 @@ def literals(path: Path) -> list[tuple[int, object]]:
     return found
 
 
+SHARED_VALUES = (-100, "tutor_config.yaml")  # IGNORE_INDEX and CONFIG_FILE of tutor.common
+
+
 def test_no_bare_copies_of_the_shared_values():
     """-100 and "tutor_config.yaml" are written once, in tutor.common; everyone imports them."""
     copies = [f"{name}:{line}" for name, path in modules().items() if name != "tutor.common"
-              for line, value in literals(path) if value in (-100, "tutor_config.yaml")]
+              for line, value in literals(path) if value in SHARED_VALUES]
     assert copies == []
+
+
+def test_tests_and_benches_import_the_shared_values_too():
+    """The same in tests/ and bench/ (this file names the values it looks for)."""
+    root = PACKAGE.parent
+    files = [p for d in ("tests", "bench") for p in sorted((root / d).rglob("*.py"))
+             if p != Path(__file__).resolve()]
+    copies = [f"{p.relative_to(root)}:{line}" for p in files
+              for line, value in literals(p) if value in SHARED_VALUES]
+    assert copies == []
+
+
+def test_the_architecture_doc_lists_every_module():
+    """docs/architecture.md's table names each module of the package once, and no other."""
+    rows = re.findall(r"^\| `(tutor[\w.]*)` \|", ARCHITECTURE.read_text(encoding="utf-8"), re.M)
+    assert len(rows) == len(set(rows)), "a module is listed twice"
+    assert set(rows) == set(modules())

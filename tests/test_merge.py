@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_lora import tiny_base, train_checkpoint
 
-from tutor.common import atomic_dir
+from tutor.common import CONFIG_FILE, atomic_dir
 from tutor.errors import TutorError
 from tutor.merge import convert_checkpoint, merge
 
@@ -141,15 +141,15 @@ def test_cli_convert_and_merge_report_one_line(run, tmp_path):
 def test_convert_and_merge_carry_the_recipe_system_prompt(run, tmp_path):
     import yaml
 
-    from tutor.chat_repl import pick_system
+    from tutor.chat import pick_system
 
     base, checkpoint = run
     run_dir = tmp_path / "run"
     shutil.copytree(checkpoint, run_dir / checkpoint.name)
     cfg = {"model": str(base), "template": "chatml", "system": "You are Pico.", "bits": 4,
            "train": {"precision": "fp32"}}
-    (run_dir / "tutor_config.yaml").write_text(yaml.safe_dump(cfg))
-    (run_dir / checkpoint.name / "tutor_config.yaml").unlink()
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg))
+    (run_dir / checkpoint.name / CONFIG_FILE).unlink()
     adapter = convert_checkpoint(run_dir / checkpoint.name, tmp_path / "a")
     meta = json.loads((adapter / "tutor_adapter.json").read_text())
     assert (meta["system"], meta["bits"], meta["precision"]) == ("You are Pico.", 4, "fp32")

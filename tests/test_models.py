@@ -7,21 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from tutor import hub, models
+from tutor import models, offline
 from tutor.errors import TutorError
 
 PARIS_Q = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def test_hub_id_passes_through_when_the_hub_answers(monkeypatch):
-    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
+    monkeypatch.setattr(offline, "hub_reachable", lambda: True)
     assert models.resolve("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
 
 
 def test_offline_hub_id_is_its_cached_snapshot_or_an_immediate_error(monkeypatch, tmp_path):
     from huggingface_hub import constants
 
-    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+    monkeypatch.setattr(offline, "hub_reachable", lambda: False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     repo = tmp_path / "models--org--cached"
     (repo / "refs").mkdir(parents=True)

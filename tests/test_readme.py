@@ -1,4 +1,4 @@
-"""The README is executed, so it cannot drift from the code.
+"""The README and the pages of docs/ are executed, so they cannot drift from the code.
 
 Every fenced block is preceded by a visible marker (an HTML comment) saying how it is checked:
 
@@ -13,8 +13,9 @@ Every fenced block is preceded by a visible marker (an HTML comment) saying how 
 
 A block without a marker fails. `<!-- readme: cli-table -->` marks the command reference: one
 row per sub-command, purpose = its argparse help, an example that passes `check_line`. Run and
-parse blocks are taken in README order in one temporary directory holding a copy of data/, so
-later blocks see what earlier ones wrote and nothing is written into the repository.
+parse blocks are taken in order (README.md, then docs/*.md by name) in one temporary directory
+holding a copy of data/, so later blocks see what earlier ones wrote and nothing is written into
+the repository. `tools/doc_tables.py` writes the marked tables from their files.
 """
 
 from __future__ import annotations
@@ -38,20 +39,27 @@ from tutor.train_config import deepspeed_json, list_recipes, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # in the order they run
+README_MAX_LINES = 250  # what a newcomer reads first; details are one link away in docs/
 MARKER = re.compile(r"^<!-- readme: ([\w-]+)(.*?) -->$")
 CODE = {"bash", "sh", "shell", "console", "python"}
 
 
 @dataclass
 class Block:
-    line: int  # 1-based line of the opening fence in README.md
+    line: int  # 1-based line of the opening fence in `doc`
     lang: str
     marker: str | None
     arg: str
     code: str
+    doc: str = "README.md"
+
+    @property
+    def where(self) -> str:
+        return f"{self.doc}:{self.line}"
 
 
-def blocks(text: str = README) -> list[Block]:
+def blocks(text: str = README, doc: str = "README.md") -> list[Block]:
     """Every fenced block with the marker on the line before it (if any)."""
     lines, found, i = text.splitlines(), [], 0
     while i < len(lines):
@@ -59,10 +67,17 @@ def blocks(text: str = README) -> list[Block]:
             end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
             m = MARKER.match(lines[i - 1].strip()) if i else None
             found.append(Block(i + 1, lines[i][3:].strip(), m and m.group(1),
-                               (m.group(2).strip() if m else ""), "\n".join(lines[i + 1:end])))
+                               (m.group(2).strip() if m else ""), "\n".join(lines[i + 1:end]),
+                               doc))
             i = end
         i += 1
     return found
+
+
+def all_blocks() -> list[Block]:
+    """The blocks of the README, then of each page of docs/, in the order they run."""
+    return [b for path in DOCS
+            for b in blocks(path.read_text(encoding="utf-8"), str(path.relative_to(ROOT)))]
 
 
 def markdown_table(text: str, starts: str) -> list[str]:
@@ -215,16 +230,16 @@ def run_block(block: Block, cwd: Path) -> None:
     env = {**os.environ, "TUTOR_PY": sys.executable,
            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     if block.lang == "python":
-        script = cwd / f"readme_{block.line}.py"
+        script = cwd / f"readme_{Path(block.doc).stem}_{block.line}.py"
         script.write_text(block.code, encoding="utf-8")
         cmd = [sys.executable, str(script)]
     else:
         cmd = ["bash", "-c", shell_script(block)]
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, (f"README.md:{block.line} failed ({out.returncode}):\n"
+    assert out.returncode == 0, (f"{block.where} failed ({out.returncode}):\n"
                                  f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     for expected in re.findall(r"^# → (.*)$", block.code, re.M):
-        assert expected in out.stdout, f"README.md:{block.line}: printed no {expected!r}"
+        assert expected in out.stdout, f"{block.where}: printed no {expected!r}"
 
 
 # ---------------------------------------------------------------- the tests
@@ -232,8 +247,8 @@ def run_block(block: Block, cwd: Path) -> None:
 
 def test_every_block_has_a_known_marker():
     known = {"run", "run-with", "parse", "show"}
-    for b in blocks():
-        where = f"README.md:{b.line}"
+    for b in all_blocks():
+        where = b.where
         assert b.marker in known, f"{where}: precede the block with <!-- readme: run|parse|... -->"
         assert not (b.marker == "show" and b.lang in CODE), f"{where}: code must run or parse"
         assert b.marker != "run-with" or re.fullmatch(r"([\w.]+=\S+ ?)+", b.arg), where
@@ -248,7 +263,7 @@ def test_run_and_parse_blocks_in_order(tmp_path):
     repo_before = sorted(os.listdir(ROOT))
     world = World(tmp_path)
     done = {"run": 0, "run-with": 0, "parse": 0}
-    for b in blocks():
+    for b in all_blocks():
         if b.marker in ("run", "run-with"):
             run_block(b, tmp_path)
         elif b.marker == "parse":
@@ -303,12 +318,38 @@ def test_course_map_lists_every_notebook_with_its_runtime():
 
 
 def test_benchmark_tables_equal_their_files():
-    tables = [b for b in re.findall(r"^<!-- readme: table (\S+) -->$", README, re.M)]
-    assert tables, "no benchmark table in the README"
-    for name in tables:
-        ours = markdown_table(README, f"<!-- readme: table {name} -->")
-        theirs = [line for line in (ROOT / name).read_text().splitlines() if line.startswith("|")]
-        assert ours == theirs, f"README table differs from {name}: copy it again"
+    found = 0
+    for path in DOCS:
+        text = path.read_text(encoding="utf-8")
+        for name in re.findall(r"^<!-- readme: table (\S+) -->$", text, re.M):
+            ours = markdown_table(text, f"<!-- readme: table {name} -->")
+            theirs = [line for line in (ROOT / name).read_text().splitlines()
+                      if line.startswith("|")]
+            assert ours == theirs, (f"{path.name}: the table differs from {name}: "
+                                    "run python tools/doc_tables.py")
+            found += 1
+    assert found >= 5, "the benchmark tables (docs/results.md, docs/export.md) are gone"
+
+
+def test_doc_tables_tool_rewrites_a_stale_table(tmp_path):
+    """tools/doc_tables.py puts a result file's table after its marker, and leaves the rest."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("doc_tables", ROOT / "tools/doc_tables.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    (tmp_path / "r.md").write_text("Measured:\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n")
+    stale = "Intro\n<!-- readme: table r.md -->\n| a | b |\n| --- | --- |\n| 1 | 9 |\n\nAfter\n"
+    fresh, differed = tool.refresh(stale, tmp_path)
+    assert differed == ["r.md"]
+    assert fresh == stale.replace("| 1 | 9 |", "| 1 | 2 |")
+    assert tool.refresh(fresh, tmp_path) == (fresh, [])
+
+
+def test_readme_is_short_and_links_every_page_of_docs():
+    assert len(README.splitlines()) <= README_MAX_LINES, "move details to docs/"
+    for page in DOCS[1:]:
+        assert f"](docs/{page.name})" in README, f"README does not link docs/{page.name}"
 
 
 @pytest.mark.parametrize("line", [

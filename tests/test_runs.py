@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tutor.common import CONFIG_FILE
 from tutor.errors import TutorError
 from tutor.runs import LOCK_FILE, acquire_lock, check_writable, claim_output_dir, release_lock
 
@@ -63,7 +64,7 @@ def test_a_non_empty_output_dir_is_refused_unless_resume_or_overwrite(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoint-2").mkdir(parents=True)
     (run / "checkpoint-2" / "trainer_state.json").write_text("{}")
-    for name in ("metrics.jsonl", "adapter_config.json", "loss.png", "tutor_config.yaml"):
+    for name in ("metrics.jsonl", "adapter_config.json", "loss.png", CONFIG_FILE):
         (run / name).write_text("old")
     with pytest.raises(TutorError) as exc, claim_output_dir(run):
         pass
@@ -72,7 +73,7 @@ def test_a_non_empty_output_dir_is_refused_unless_resume_or_overwrite(tmp_path):
                               "continue that run, --overwrite to replace it, or choose "
                               "another output_dir")
     assert sorted(p.name for p in run.iterdir()) == [  # untouched, lock removed
-        "adapter_config.json", "checkpoint-2", "loss.png", "metrics.jsonl", "tutor_config.yaml"]
+        "adapter_config.json", "checkpoint-2", "loss.png", "metrics.jsonl", CONFIG_FILE]
     with claim_output_dir(run, resume=True):
         assert (run / LOCK_FILE).is_file() and (run / "checkpoint-2").is_dir()
     with claim_output_dir(run, overwrite=True):

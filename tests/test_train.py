@@ -18,6 +18,7 @@ import pytest
 import yaml
 from tiny_lora import tiny_base
 
+from tutor.common import CONFIG_FILE, IGNORE_INDEX
 from tutor.errors import TutorError
 from tutor.train_config import (
     TrainConfig,
@@ -126,9 +127,9 @@ def test_logits_only_where_trained_leave_the_loss_unchanged(tmp_path):
     base = tiny_base(tmp_path / "tiny")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     samples = [  # three samples, answers of different lengths, prompts never trained
-        {"input_ids": [1, 5, 6, 7, 8, 9], "labels": [-100, -100, -100, 7, 8, 9]},
-        {"input_ids": [1, 10, 11, 12], "labels": [-100, -100, 11, 12]},
-        {"input_ids": [1, 13, 14, 15, 16], "labels": [-100, -100, -100, -100, 16]},
+        {"input_ids": [1, 5, 6, 7, 8, 9], "labels": [*[IGNORE_INDEX] * 3, 7, 8, 9]},
+        {"input_ids": [1, 10, 11, 12], "labels": [*[IGNORE_INDEX] * 2, 11, 12]},
+        {"input_ids": [1, 13, 14, 15, 16], "labels": [*[IGNORE_INDEX] * 4, 16]},
     ]
     packs = pack(samples, max_length=8)  # two packs of different lengths → padding too
     collator = PackCollator("sdpa", pad_token_id=2, keep_logits=True)
@@ -179,11 +180,11 @@ def test_tiny_run_learns_and_writes_its_artifacts(tmp_path):
     curve = losses(out)
     assert len(curve) == 8 and curve[-1] < curve[0] - 0.2, curve
     for name in ("adapter_config.json", "adapter_model.safetensors", "loss.png",
-                 "tutor_config.yaml", "checkpoint-8/tutor_config.yaml",
+                 CONFIG_FILE, f"checkpoint-8/{CONFIG_FILE}",
                  "checkpoint-8/tutor_progress.json"):
         assert (out / name).is_file(), name
     assert not (out / "checkpoint-4").exists()  # total_limit=2 keeps 6 and 8
-    saved = yaml.safe_load((out / "tutor_config.yaml").read_text())
+    saved = yaml.safe_load((out / CONFIG_FILE).read_text())
     assert saved["model"] == cfg.model and saved["template"] == "auto"
     m = result.metrics
     assert 0 < m["trained_tokens"] < m["all_tokens"] and m["trained_tok_s"] > 0
@@ -399,7 +400,7 @@ def test_recipe_system_opens_every_sample_and_is_saved(tmp_path):
     for split in ("train", "validation"):
         samples, _ = load_samples(cfg, tok, split)
         heads = [s["input_ids"][:len(turn)] for s in samples]
-        assert all(s["labels"][:len(turn)] == [-100] * len(turn) for s in samples)
+        assert all(s["labels"][:len(turn)] == [IGNORE_INDEX] * len(turn) for s in samples)
         pico = sum(h == turn for h in heads)
         assert pico >= len(samples) - 6 and pico > 0, split  # 6 records bring their own
         assert not any(s["input_ids"][:len(default)] == default for s in samples), split

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tutor.common import CONFIG_FILE
+
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
@@ -68,5 +70,5 @@ def test_the_installed_demo_and_recipe_run_from_an_empty_directory(installed, tm
     out = tmp_path / "run"
     run([str(bin_dir / "tutor"), "train", "smollm2_135m_qlora_assistant",
          "--set", "train.max_steps=2", "--set", f"output_dir={out}"], tmp_path, env)
-    assert (out / "adapter_model.safetensors").is_file() and (out / "tutor_config.yaml").is_file()
+    assert (out / "adapter_model.safetensors").is_file() and (out / CONFIG_FILE).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing else written here

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from tutor.common import CONFIG_FILE
 from tutor.models import ensure_bundled
 
 QUESTIONS = ["What is the capital of France?", "Name a primary colour.",
@@ -62,7 +63,7 @@ def train_checkpoint(base: str | Path, output: Path, steps: int = 2, lr: float =
     checkpoint = output / f"checkpoint-{steps}"
     cfg = {"model": model_name or str(base), "template": template}
     for folder in (output, checkpoint):
-        (folder / "tutor_config.yaml").write_text(yaml.safe_dump(cfg))
+        (folder / CONFIG_FILE).write_text(yaml.safe_dump(cfg))
     return checkpoint
 
 

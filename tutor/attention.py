@@ -63,23 +63,41 @@ def sdpa_varlen_mask(batch_size: int, q_length: int, kv_length: int, *args: Any,
 
 
 def span_starts(position_ids: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool, True where a span begins: position 0, or a position that is not one more
-    than the one before (the rest of a sample that continues a shared prefix)."""
+    """(B, L) bool, True where a span begins: the first token, position 0, or a position that
+    is not one more than the one before (the rest of a sample that continues a shared prefix).
+    The one definition of a span; `span_index` and `spans` read it."""
     starts = position_ids == 0
+    starts[:, 0] = True
     starts[:, 1:] |= position_ids[:, 1:] != position_ids[:, :-1] + 1
     return starts
+
+
+def span_index(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(span_start, root)``, each (B, L) long: for every token, the index where its span
+    begins, and where the row's latest span that began at position 0 begins (the span whose
+    first ``position_ids[span_start]`` tokens a shared-prefix span continues; its own span
+    when that began at 0)."""
+    import torch
+
+    index = torch.arange(position_ids.shape[1], device=position_ids.device)
+    index = index.expand_as(position_ids)  # (B, L)
+    span_start = torch.where(span_starts(position_ids), index, 0).cummax(-1).values
+    root = torch.where(position_ids == 0, index, 0).cummax(-1).values
+    return span_start, root
 
 
 def spans(positions: list[int]) -> list[tuple[int, int, int]]:
     """``(start, end, root)`` per span of one row's position_ids: the span is
     ``[start, end)``; `root` is where the latest span that began at position 0 starts (its
     first ``positions[start]`` tokens are the prefix this span continues; itself if 0)."""
-    out, root = [], 0
-    bounds = [k for k, p in enumerate(positions) if k == 0 or p == 0 or p != positions[k - 1] + 1]
-    for start, end in zip(bounds, [*bounds[1:], len(positions)], strict=True):
-        root = start if positions[start] == 0 else root
-        out.append((start, end, root))
-    return out
+    import torch
+
+    if not positions:
+        return []
+    span_start, root = (t[0].tolist() for t in span_index(torch.tensor([positions])))
+    bounds = [k for k, s in enumerate(span_start) if s == k]
+    return [(start, end, root[start])
+            for start, end in zip(bounds, [*bounds[1:], len(positions)], strict=True)]
 
 
 def sdpa_varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor,

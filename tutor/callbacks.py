@@ -10,7 +10,7 @@
   evaluation and at the end (rank 0 only).
 
 Not handled: TensorBoard/W&B (use ``report_to`` yourself). The validation loss itself is
-computed by Trainer (`tutor.validation`); this module only records and draws it.
+computed by Trainer (`tutor.trainer`); this module only records and draws it.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from tutor.chat import reply
 from tutor.common import CONFIG_FILE, apply_umask, atomic_file, atomic_write
+from tutor.data import with_system
+from tutor.eval import format_table, score_files
+from tutor.models import compute_dtype, keep_4bit_trainable
+from tutor.runs import LOSS_PLOT, METRICS_FILE, PROGRESS_FILE
 from tutor.train_config import TrainConfig, resolve_data_path, save_config
-from tutor.validation import keep_4bit_trainable
 
-PROGRESS_FILE = "tutor_progress.json"  # token totals inside each checkpoint dir
-METRICS_FILE = "metrics.jsonl"
-LOSS_PLOT = "loss.png"
 # Dense bf16 tensor-core peaks (FLOP/s) for the MFU estimate; unknown GPUs get no MFU.
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
 
@@ -44,15 +45,12 @@ class EvaluateChatCallback(TrainerCallback):
         self.scores: dict[str, list] = {}  # "before"/"after" → tutor.eval.FileScore per file
 
     def _ask_all(self, model: Any, step: int, is_main: bool) -> None:
-        from tutor.chat import reply
-        from tutor.data import with_system
-
         if not self.answers:
             return
         ev = self.cfg.evaluation
         was_training = model.training
         model.eval()
-        keep_4bit_trainable(model, was_training)  # why: tutor.validation's docstring
+        keep_4bit_trainable(model, was_training)  # why: tutor.trainer's docstring
         for prompt in self.answers:
             system = ev.system if ev.system is not None else self.cfg.system
             messages = with_system([{"role": "user", "content": prompt}], system)
@@ -65,8 +63,6 @@ class EvaluateChatCallback(TrainerCallback):
                 print(f"[eval step {step}] {prompt!r} → {by_step[step]!r}", flush=True)
 
     def _score_files(self, model: Any, when: str, is_main: bool) -> None:
-        from tutor.eval import score_files
-
         ev = self.cfg.evaluation
         if not ev.files:
             return
@@ -87,8 +83,6 @@ class EvaluateChatCallback(TrainerCallback):
             self._ask_all(model, state.global_step, state.is_world_process_zero)
 
     def on_train_end(self, args, state, control, model=None, **kw):
-        from tutor.eval import format_table
-
         self._ask_all(model, state.global_step, state.is_world_process_zero)
         self._score_files(model, "after", state.is_world_process_zero)
         if state.is_world_process_zero and self.answers:
@@ -136,7 +130,6 @@ def peak_flops() -> tuple[float, str]:
             if key in name:
                 return value, f"{name} bf16 peak"
         return 0.0, f"{name}: peak unknown"
-    from tutor.models import compute_dtype
 
     dtype = compute_dtype()
     a = torch.randn(1024, 1024, dtype=dtype)

@@ -50,6 +50,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from tutor.common import IGNORE_INDEX as IGNORE
+from tutor.errors import TutorError
 
 if TYPE_CHECKING:
     import torch
@@ -195,8 +196,6 @@ def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 def output_head(model: torch.nn.Module) -> tuple[str, torch.nn.Linear]:
     """(attribute name, module) of the causal LM's output projection; a bias-free Linear."""
     import torch
-
-    from tutor.errors import TutorError
 
     lm = causal_lm(model)
     head = lm.get_output_embeddings()

@@ -221,7 +221,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_chat(args: argparse.Namespace) -> int:
     from tutor.chat import GenerationSettings
-    from tutor.chat_repl import open_session, run_chat
+    from tutor.chat.load import open_session
+    from tutor.chat.repl import run_chat
 
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

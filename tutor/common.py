@@ -34,7 +34,6 @@ IGNORE_INDEX = -100
 Message = Mapping[str, Any]  # {"role": "system"|"user"|"assistant", "content": str}
 Sample = dict[str, list[int]]  # {"input_ids": [T], "labels": [T]} of equal length
 CONFIG_FILE = "tutor_config.yaml"
-GGUF_SYSTEM_KEY = "tutor.system"  # GGUF metadata: the recipe's system prompt, when it set one
 
 
 def umask_mode(directory: bool = False) -> int:

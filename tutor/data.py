@@ -48,10 +48,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tutor import __version__
 from tutor.common import IGNORE_INDEX, Message, Sample
 from tutor.errors import TutorError
 from tutor.formats import PAIRS_FORMAT, iter_conversations, iter_pairs, validate_messages
-from tutor.quiet import no_progress_bars
+from tutor.offline import no_progress_bars
 from tutor.templates import ChatTemplate, Segment, get_template
 
 if TYPE_CHECKING:
@@ -299,8 +300,6 @@ def _cache_file(dataset: datasets.Dataset, kwargs: dict[str, Any], cache_dir: st
     if cache_dir is None or dataset.cache_files:
         return None  # no caching asked for, or datasets caches a disk-backed dataset itself
     from datasets.fingerprint import Hasher
-
-    from tutor import __version__
 
     key = Hasher.hash([dataset._fingerprint, kwargs, step, __version__])
     Path(cache_dir).mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,7 @@ from tutor.formats import (
     PAIRS_FORMAT,
     detect_format,
     is_pair_record,
+    iter_conversations,
     read_records,
     to_messages,
     to_pair,
@@ -311,8 +312,6 @@ def quality_pass(path: str | Path, tokenizer: PreTrainedTokenizerBase,
     outliers and very short answers in a dataset file that loads (`iter_conversations`
     raises on the first bad record: run `check_file` first). Lengths are tokens of the
     encoded sample (template included); answers are tokenized alone."""
-    from tutor.formats import iter_conversations
-
     if isinstance(template, str):
         template = get_template(template, tokenizer)
     report = QualityReport(path=str(path))

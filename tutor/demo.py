@@ -34,14 +34,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tutor.chat import GenerationSettings, ask, open_session
+from tutor.common import atomic_write
 from tutor.errors import TutorError
-from tutor.gguf_check import QUESTIONS as QUICK_QUESTIONS  # also what exports are checked on
-from tutor.train_config import DATA_DIR
+from tutor.eval import evaluate, load_items
+from tutor.export import export_gguf
+from tutor.export.check import QUESTIONS as QUICK_QUESTIONS  # also what exports are checked on
+from tutor.measure import peak_rss_bytes
+from tutor.merge import convert_checkpoint, merge
+from tutor.models import footprint_bytes, load, resolve
+from tutor.runs import LOSS_PLOT
+from tutor.train import last_checkpoint, train
+from tutor.train_config import ASSISTANT_RECIPE, DATA_DIR, load_config
 
 if TYPE_CHECKING:
     from tutor.eval import FileScore
 
-RECIPE = "smollm2_135m_qlora_assistant"
 HELDOUT = DATA_DIR / "assistant_heldout.jsonl"
 PROBE = DATA_DIR / "general_probe.jsonl"
 # Words of the taught identity: in an answer to a probe question they are over-reach.
@@ -55,8 +63,6 @@ GGUF_NAME = "pico.gguf"
 
 def peak_rss_mib() -> float | None:
     """This process's peak resident memory so far (a high-water mark), MiB; None on Windows."""
-    from tutor.measure import peak_rss_bytes
-
     try:
         return round(peak_rss_bytes() / 2**20, 1)
     except ImportError:  # no /proc and no `resource` module
@@ -168,7 +174,7 @@ def format_summary(s: dict[str, Any]) -> str:
 
 def run_practice(
     out: str | Path = "work_dirs/demo",
-    recipe: str = RECIPE,
+    recipe: str = ASSISTANT_RECIPE,
     overrides: Sequence[str] = (),
     heldout: str | Path = HELDOUT,
     probe: str | Path = PROBE,
@@ -181,15 +187,6 @@ def run_practice(
     after `DEMO_OVERRIDES`; ``output_dir`` is always OUT/run. `export_type`: the GGUF type of
     the export stage. Returns what summary.json holds.
     """
-    from tutor.callbacks import LOSS_PLOT
-    from tutor.common import atomic_write
-    from tutor.eval import evaluate, load_items
-    from tutor.export import export_gguf
-    from tutor.merge import convert_checkpoint, merge
-    from tutor.models import resolve
-    from tutor.train import last_checkpoint, train
-    from tutor.train_config import load_config
-
     out = Path(out).resolve()
     overrides = [*DEMO_OVERRIDES, *overrides, f"output_dir={out / 'run'}"]
     cfg = load_config(recipe, overrides)
@@ -252,9 +249,6 @@ def run_practice(
 
 def answer_from_file(path: Path, question: str, max_new_tokens: int) -> str:
     """Greedy answer to `question` from a GGUF file (llama.cpp if installed, else transformers)."""
-    from tutor.chat import GenerationSettings
-    from tutor.chat_repl import open_session
-
     session = open_session(str(path), settings=GenerationSettings(max_new_tokens=max_new_tokens))
     answer = session.send(question)
     print(f"[{path.name}] {question}\n    → {answer}", flush=True)
@@ -263,9 +257,6 @@ def answer_from_file(path: Path, question: str, max_new_tokens: int) -> str:
 
 def quick_demo(model: str = "smollm2-135m-instruct", bits: int | None = None) -> list[str]:
     """No training: load `model` (quantised if `bits`), answer a few questions, print timings."""
-    from tutor.chat import ask
-    from tutor.models import footprint_bytes, load
-
     start = time.perf_counter()
     lm, tokenizer = load(model, bits=bits)
     size_mb = footprint_bytes(lm) / 2**20

@@ -40,9 +40,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tutor.chat import open_session, reply_batch
 from tutor.common import IGNORE_INDEX
+from tutor.data import encode, encode_pairs, load_pairs, with_system, with_system_prompts
 from tutor.errors import TutorError
-from tutor.formats import Message, detect_format, read_records, to_messages, validate_messages
+from tutor.formats import (
+    Message,
+    detect_format,
+    is_pair_record,
+    read_records,
+    to_messages,
+    validate_messages,
+)
+from tutor.models import keep_4bit_trainable
+from tutor.packing import SHARE_BACKENDS, collate, pack_pairs
+from tutor.preference import answer_logps
+from tutor.templates import get_template
+from tutor.train_config import resolve_data_path
 
 # Questions decoded together. A CPU decode step reads every weight once whatever the batch,
 # so 32 rows cost little more than 16: the two shipped files (27 questions) take one pass.
@@ -130,8 +144,6 @@ def _question_only(record: Mapping[str, Any], where: str) -> list[Message]:
 def load_items(path: str | Path, system: str | None = None) -> list[Item]:
     """Read a scoring file (see the module docstring); errors name ``file:line``.
     `system` opens every record without a system turn (`tutor.data.with_system`)."""
-    from tutor.data import with_system
-
     items, fmt = [], None
     for where, record in read_records(path):
         if not isinstance(record, Mapping):
@@ -176,9 +188,6 @@ def score_items(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                 echo: bool = False) -> list[ItemScore]:
     """Greedy answers to items with keywords (batched: `tutor.chat.reply_batch`), answer
     loss for items with a reference."""
-    from tutor.chat import reply_batch
-    from tutor.data import encode
-
     scores = [ItemScore(item) for item in items]
     asked = [s for s in scores if s.item.expected and s.item.prompt]
     answers = reply_batch(model, tokenizer, [s.item.prompt for s in asked], max_new_tokens,
@@ -200,16 +209,13 @@ def score_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                 system: str | None = None) -> list[FileScore]:
     """Score every file in `paths` with one loaded model (in eval mode while scoring).
     `system`: the system prompt of records without one (a recipe's ``system:``)."""
-    from tutor.templates import get_template
-
     if isinstance(template, str):
         template = get_template(template, tokenizer=tokenizer)
-    from tutor.validation import keep_4bit_trainable
 
     items = {str(p): load_items(p, system) for p in paths}  # every file checked before any work
     was_training = model.training
     model.eval()
-    keep_4bit_trainable(model, was_training)  # mid-training: see tutor.validation
+    keep_4bit_trainable(model, was_training)  # mid-training: see tutor.trainer
     try:  # every file's questions in one list, so that they share batches
         scores = iter(score_items(model, tokenizer, template,
                                   [i for its in items.values() for i in its], max_new_tokens, echo))
@@ -224,9 +230,6 @@ def evaluate(model: str, paths: Sequence[str | Path], adapter: str | None = None
     """Load `model` (+ `adapter`) exactly as `tutor chat` does (its recorded system prompt
     included) and score `paths` (each as
     written, else relative to the shipped recipes: ``data/general_probe.jsonl`` works anywhere)."""
-    from tutor.chat_repl import open_session
-    from tutor.train_config import resolve_data_path
-
     # As in recipes: relative to the working directory, else to the shipped data.
     paths = [resolve_data_path(p, "tutor eval") for p in paths]
     session = open_session(model, adapter=adapter, template=template)
@@ -267,8 +270,6 @@ class PreferenceScore:
 
 def is_pair_file(path: str | Path) -> bool:
     """True when the file's first record is a preference pair (chosen + rejected)."""
-    from tutor.formats import is_pair_record
-
     return is_pair_record(next(iter(read_records(path)), ("", None))[1])
 
 
@@ -281,11 +282,6 @@ def preference_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     opens every prompt without a system turn (a recipe's ``system:``)."""
     import torch
 
-    from tutor.data import encode_pairs, load_pairs, with_system_prompts
-    from tutor.packing import SHARE_BACKENDS, collate, pack_pairs
-    from tutor.preference import answer_logps
-    from tutor.validation import keep_4bit_trainable
-
     attn = model.config._attn_implementation
     attn = attn if attn in SHARE_BACKENDS else "sdpa"  # flash-attn cannot share the prompt
     pairs, _report = encode_pairs(with_system_prompts(load_pairs(pairs_path), system), tokenizer,
@@ -296,7 +292,7 @@ def preference_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
                   - q["prompt_length"] for q in pairs)
     margins, token_margins, was_training = [], [], model.training
     model.eval()
-    keep_4bit_trainable(model, was_training)  # mid-training: see tutor.validation
+    keep_4bit_trainable(model, was_training)  # mid-training: see tutor.trainer
     try:
         with torch.inference_mode():
             for pack in pack_pairs(pairs, max(pack_length, longest)):
@@ -314,9 +310,6 @@ def preference_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
 def evaluate_pairs(model: str, paths: Sequence[str | Path], adapter: str | None = None,
                    template: str | None = None) -> list[PreferenceScore]:
     """`preference_accuracy` of each pair file, the model loaded as `evaluate` loads it."""
-    from tutor.chat_repl import open_session
-    from tutor.train_config import resolve_data_path
-
     paths = [resolve_data_path(p, "tutor eval") for p in paths]
     session = open_session(model, adapter=adapter, template=template)
     return [preference_accuracy(session.model, session.tokenizer, p, session.template,

@@ -40,6 +40,8 @@ from pathlib import Path
 
 from tutor.common import atomic_write
 from tutor.errors import TutorError
+from tutor.runs import METRICS_FILE
+from tutor.train_config import load_config
 
 REPORT_DIR_ENV = "TUTOR_RANK_REPORT_DIR"  # set by run_local: where ranks write rank-R.json
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # what child processes must import
@@ -138,10 +140,8 @@ def run_local(config: str | os.PathLike[str], *, nproc: int = 2, deepspeed: str 
     The recipe is validated first (a bad key fails here, not in
     `nproc` processes). Losses are read from the lines rank 0 appended to metrics.jsonl.
     """
-    from tutor.train_config import load_config
-
     out = Path(load_config(config, list(overrides)).output_dir)
-    metrics = out / "metrics.jsonl"
+    metrics = out / METRICS_FILE
     start_at = metrics.stat().st_size if metrics.is_file() else 0
     cmd = torchrun_command(config, nproc=nproc, deepspeed=deepspeed, overrides=overrides,
                            python=sys.executable)

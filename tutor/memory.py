@@ -54,6 +54,7 @@ from pathlib import Path
 
 from tutor.chunked_loss import DEFAULT_CHUNK
 from tutor.errors import TutorError
+from tutor.models import BUNDLED, ensure_bundled
 from tutor.quant import nf4_storage_bytes
 
 GIB = 2**30
@@ -132,8 +133,6 @@ def arch_from_config(config: dict, name: str) -> Arch:
 
 def get_arch(model: str) -> Arch:
     """An `Arch` from a built-in name, a local model directory or a bundled model name."""
-    from tutor.models import BUNDLED, ensure_bundled
-
     if model in KNOWN:
         return KNOWN[model]
     path = ensure_bundled(model) if model in BUNDLED else Path(model).expanduser()

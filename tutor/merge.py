@@ -34,15 +34,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tutor.common import CONFIG_FILE, atomic_dir
+from tutor.checkpoints import check_safetensors
+from tutor.common import atomic_dir
 from tutor.errors import TutorError, warn
+from tutor.models import load, lora_base_dtype, resolve, resolve_precision
+from tutor.offline import no_progress_bars
+from tutor.runs import ADAPTER_META, MERGED_META, read_json, recorded, recorded_config, write_record
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-ADAPTER_META = "tutor_adapter.json"  # written by convert: base model + template
-MERGED_META = "tutor_model.json"  # written by merge: provenance + the logits check
 # Max |logit difference| allowed between merged and base+adapter, by dtype. fp32 sums
 # round differently (W+BA vs. W x + B(A x)): ~1e-5 on logits of size ~10. In 16 bits
 # the merged weight itself is rounded to 8 (bf16) or 11 (fp16) mantissa bits.
@@ -64,35 +66,9 @@ def adapter_bytes(path: Path) -> int:
     return sum((Path(path) / name).stat().st_size for name in ADAPTER_FILES)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:  # utf-8-sig: a file saved by an editor that writes a BOM reads the same
-        return json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as exc:
-        raise TutorError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
-
-
-def train_config(checkpoint: Path) -> dict[str, Any]:
-    """The `tutor_config.yaml` of a checkpoint (or of its parent run directory), or {}."""
-    import yaml
-
-    for folder in (checkpoint, checkpoint.parent):
-        path = folder / CONFIG_FILE
-        if path.is_file():
-            try:
-                data = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise TutorError(f"{path}: not valid YAML ({exc})") from exc
-            if not isinstance(data, dict):
-                raise TutorError(f"{path}: expected a mapping of config keys")
-            return data
-    return {}
-
-
 def check_adapter_dir(path: Path) -> dict[str, Any]:
     """Raise `TutorError` unless `path` holds a complete peft adapter whose config matches
     its weights; return its adapter_config."""
-    from tutor.checkpoints import check_safetensors
-
     path = Path(path)
     missing = [f for f in ADAPTER_FILES if not (path / f).is_file()]
     if missing:
@@ -101,7 +77,7 @@ def check_adapter_dir(path: Path) -> dict[str, Any]:
             + (" (pickled adapter_model.bin is not read: re-save with safetensors)"
                if (path / "adapter_model.bin").exists() else "")
         )
-    config = _read_json(path / "adapter_config.json")
+    config = read_json(path / "adapter_config.json")
     header = check_safetensors(path / "adapter_model.safetensors")
     _check_rank(path, config, {k: v["shape"] for k, v in header.items()})
     return config
@@ -140,7 +116,7 @@ def convert_checkpoint(
     if not checkpoint.is_dir():
         raise TutorError(f"no checkpoint directory at {checkpoint}")
     adapter_config = check_adapter_dir(checkpoint)
-    cfg = train_config(checkpoint)
+    cfg = recorded_config(checkpoint)
     meta = {
         "base_model": base_model or cfg.get("model")
         or adapter_config.get("base_model_name_or_path"),
@@ -159,26 +135,14 @@ def convert_checkpoint(
     with atomic_dir(Path(out), force) as tmp:
         shutil.copy2(checkpoint / "adapter_model.safetensors", tmp)
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
-        (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
+        write_record(tmp, ADAPTER_META, meta)
     return Path(out)
-
-
-def recorded(path: str | Path, key: str) -> Any:
-    """`key` from the tutor metadata of an adapter or merged directory, else from the
-    `tutor_config.yaml` of a run or checkpoint directory, else None."""
-    for name in (ADAPTER_META, MERGED_META):
-        meta = Path(path) / name
-        if meta.is_file():
-            return _read_json(meta).get(key)
-    return train_config(Path(path)).get(key) if Path(path).is_dir() else None
 
 
 def _other_base(adapter_dir: Path, base_name: str) -> str | None:
     """The base recorded for the adapter (tutor's metadata, else peft's) when it is not
     `base_name`, else None."""
-    from tutor.models import resolve
-
-    wanted = recorded(adapter_dir, "base_model") or _read_json(
+    wanted = recorded(adapter_dir, "base_model") or read_json(
         adapter_dir / "adapter_config.json").get("base_model_name_or_path")
     if not wanted or wanted == base_name or Path(str(wanted)).name == Path(base_name).name:
         return None
@@ -274,9 +238,6 @@ def merge(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tutor.models import load
-    from tutor.quiet import no_progress_bars
-
     adapter = Path(adapter)
     check_adapter_dir(adapter)
     if dtype not in TOLERANCE:
@@ -311,7 +272,7 @@ def merge(
         meta = {k: v for k, v in asdict(report).items() if k != "merged_bytes"}
         meta.update(base_model=base, adapter=str(adapter.resolve()),
                     system=recorded(adapter, "system"), base_from_nf4=base_from_nf4)
-        (tmp / MERGED_META).write_text(json.dumps(meta, indent=2) + "\n")
+        write_record(tmp, MERGED_META, meta)
         report.merged_bytes = dir_bytes(tmp)
     return report
 
@@ -336,8 +297,6 @@ def _load_nf4_base_into(model: PreTrainedModel, base: str, adapter: Path) -> Any
     import torch
     from bitsandbytes.functional import dequantize_4bit
     from bitsandbytes.nn import Params4bit
-
-    from tutor.models import load, lora_base_dtype, resolve_precision
 
     bits = recorded(adapter, "bits")
     if bits not in (None, 4):

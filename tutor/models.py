@@ -19,7 +19,6 @@ fails with transformers' own message).
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -31,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from tutor.common import atomic_dir
 from tutor.errors import TutorError
-from tutor.quiet import no_progress_bars
+from tutor.offline import hub_or_cache, no_progress_bars
+from tutor.runs import SOURCE_FILE, write_record
 
 if TYPE_CHECKING:  # torch/transformers are imported lazily: `import tutor` stays light.
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -90,7 +90,7 @@ def bundled_gguf_path(name: str = DEFAULT_MODEL) -> Path:
 
 def is_converted(path: Path) -> bool:
     """True when `path` holds a finished conversion (written last, so never half-done)."""
-    return (path / "source.json").is_file()
+    return (path / SOURCE_FILE).is_file()
 
 
 def ensure_bundled(name: str = DEFAULT_MODEL, home: Path | None = None) -> Path:
@@ -144,8 +144,8 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         "transformers": transformers.__version__,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    # source.json is written last: its presence marks a complete conversion.
-    (out / "source.json").write_text(json.dumps(source, indent=2) + "\n")
+    # SOURCE_FILE is written last: its presence marks a complete conversion.
+    write_record(out, SOURCE_FILE, source)
 
 
 def _looks_local(name_or_path: str) -> bool:
@@ -157,7 +157,7 @@ def resolve(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) -> str:
 
     A local directory's safetensors files are checked (`tutor.checkpoints`). A hub id
     passes through unchanged when the hub answers; offline it becomes its cached snapshot
-    directory, or a one-line error at once (`tutor.hub.hub_or_cache`).
+    directory, or a one-line error at once (`tutor.offline.hub_or_cache`).
     """
     name = str(name_or_path)
     if name in BUNDLED:
@@ -175,8 +175,6 @@ def resolve(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) -> str:
 
         check_weights(path)  # a truncated copy fails here in one line, not in safetensors
         return str(path)
-    from tutor.hub import hub_or_cache
-
     return hub_or_cache(name, known=list(BUNDLED))
 
 
@@ -248,6 +246,15 @@ def quantization_config(bits: int | None) -> Any:
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype(),
     )
+
+
+def keep_4bit_trainable(model: Any, training: bool = True) -> None:
+    """Set bitsandbytes' own Linear4bit layers (not peft's wrappers) to `training` mode."""
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith(
+            "bitsandbytes"
+        ):  # not peft's lora.Linear4bit wrapper, whose dropout must follow model.eval()
+            module.train(training)
 
 
 def load(

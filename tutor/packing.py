@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tutor.attention import SDPA_VARLEN, span_starts, spans
+from tutor.attention import SDPA_VARLEN, span_index, span_starts, spans
 from tutor.common import IGNORE_INDEX, Sample
 from tutor.errors import TutorError
 
@@ -488,7 +488,7 @@ def collate(
     if paired:
         batch["pair_ids"] = pair_ids
     if attn_implementation in MASK_BACKENDS:
-        batch["attention_mask"] = _block_mask(position_ids, starts)
+        batch["attention_mask"] = _block_mask(position_ids)
         if attn_implementation == "eager":
             dtype = mask_dtype or torch.float32
             zero = torch.zeros((), dtype=dtype)
@@ -506,16 +506,15 @@ def _renumber_pairs(packs: Sequence[Pack]) -> list[Pack]:
     return out
 
 
-def _block_mask(position_ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+def _block_mask(position_ids: torch.Tensor) -> torch.Tensor:
     """(B, 1, L, L) bool, True = may attend: causal inside each span, and a span that
     continues a shared prefix (first position p > 0) also sees the first p tokens of the
-    latest span that began at position 0 (`tutor.attention.spans`)."""
+    latest span that began at position 0 (`tutor.attention.span_index`)."""
     import torch
 
     L = position_ids.shape[1]
     index = torch.arange(L).expand_as(position_ids)  # (B, L)
-    span_start = torch.where(starts, index, 0).cummax(-1).values  # (B, L) names each span
-    root = torch.where(position_ids == 0, index, 0).cummax(-1).values  # (B, L)
+    span_start, root = span_index(position_ids)  # (B, L) each: names each span, its root
     prefix = position_ids.gather(-1, span_start).masked_fill(span_start == root, 0)  # (B, L)
     causal = torch.ones(L, L, dtype=torch.bool).tril()
     own = (span_start[:, :, None] == span_start[:, None, :]) & causal  # (B, L, L)

@@ -33,10 +33,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tutor.data import encode_pairs, load_pairs, with_system_prompts
 from tutor.errors import TutorError
-from tutor.packing import PackedDataset
+from tutor.packing import PackCollator, PackedDataset, pack_pairs
 from tutor.preference import REWARD_KEYS, answer_logps, dpo_loss, orpo_loss
-from tutor.validation import ValidationTrainer
+from tutor.recipe_data import check_max_length, split_datasets, weighted
+from tutor.train_config import list_recipes, load_config
+from tutor.trainer import ValidationTrainer
 
 if TYPE_CHECKING:
     import torch
@@ -68,8 +71,6 @@ def find_adapter(path: str) -> Path:
     """The adapter directory `path` names (an adapter dir, a run's output_dir or one of its
     checkpoints all hold adapter_config.json), or a one-line TutorError saying how to make it.
     """
-    from tutor.train_config import list_recipes, load_config
-
     p = Path(path).expanduser()
     if (p / "adapter_config.json").is_file():
         return p
@@ -200,9 +201,6 @@ def load_pair_samples(cfg: TrainConfig, tokenizer: Any, split: str = "train",
     samples (`tutor.recipe_data.split_datasets`, `weighted`), and one PairReport per
     file, each prompt opened by the recipe's ``system:`` (as in SFT). ([], []) without
     validation."""
-    from tutor.data import encode_pairs, load_pairs, with_system_prompts
-    from tutor.recipe_data import check_max_length, split_datasets, weighted
-
     check_max_length(cfg, tokenizer)
     rng = random.Random(cfg.train.seed)
     encoded: list[dict] = []
@@ -219,8 +217,6 @@ def build_pair_dataset(cfg: TrainConfig, tokenizer: Any, attn_implementation: st
                        mask_dtype: torch.dtype | None = None, split: str = "train"):
     """(dataset of pair packs, collator, PairReport per file) for `cfg`'s split, shaped like
     `tutor.train.build_dataset`'s result; the dataset is None when the split is empty."""
-    from tutor.packing import PackCollator
-
     pairs, reports = load_pair_samples(cfg, tokenizer, split)
     dataset = PairPacks(pairs, cfg.data.max_length, cfg.data.packing, seed=cfg.train.seed,
                         reshuffle=split == "train") if pairs else None
@@ -234,8 +230,6 @@ class PairPacks(PackedDataset):
     ``packing: none`` puts each pair in a pack of its own."""
 
     def _pack(self, seed: int) -> Any:
-        from tutor.packing import pack_pairs
-
         if self.strategy == "none":
             return [pack for pair in self.samples
                     for pack in pack_pairs([pair], self.max_length)]

@@ -15,6 +15,7 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from tutor.data import encode
 from tutor.errors import TutorError
 from tutor.train_config import resolve_data_path
 
@@ -74,8 +75,6 @@ def weighted(rows: list, weight: float, rng: random.Random) -> list:
 def check_max_length(cfg: TrainConfig, tokenizer: Any) -> None:
     """data.max_length must hold the template's framing of a one-token exchange plus its
     answer, else truncation would leave nothing to train in any sample."""
-    from tutor.data import encode
-
     exchange = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
     need = len(encode(exchange, tokenizer, cfg.template)["input_ids"])
     if cfg.data.max_length < need:

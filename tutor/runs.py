@@ -1,4 +1,23 @@
-"""A run directory belongs to one run: claimed before training, locked while it runs.
+"""Run directories: what a run, an adapter or a merged model records, and who owns a run.
+
+What each directory records (every file name and key defined here; tutor's JSON records
+written with `write_record` and read with `recorded`):
+
+- a run or checkpoint directory: ``tutor_config.yaml`` (`tutor.common.CONFIG_FILE`, the
+  recipe as trained; written by `tutor.callbacks`), read with `recorded_config`; and the
+  logs `tutor.callbacks` writes: ``METRICS_FILE``, ``LOSS_PLOT``, ``PROGRESS_FILE``;
+- an adapter directory (`tutor convert`): ``ADAPTER_META``, the base model, template, system
+  prompt, bits and precision it was trained with;
+- a merged model directory (`tutor merge`): ``MERGED_META``, provenance and the logits check;
+- a converted bundled model: ``SOURCE_FILE``, the GGUF it came from (written last: its
+  presence marks a finished conversion);
+- an exported GGUF file: the recipe's system prompt under the metadata key ``GGUF_SYSTEM_KEY``
+  (written by `tutor.export.writer`, read by `tutor.chat.load.pick_system`).
+
+`recorded(path, key)` answers from whichever of these a directory holds; `pick_template` and
+`recorded_system` choose what chat, eval and export use by default.
+
+A run directory belongs to one run: claimed before training, locked while it runs.
 
 `tutor train` writes checkpoints, metrics.jsonl, loss.png and the adapter into
 ``output_dir``. Two runs mixing there is silent damage: a finished run's checkpoint-2 beside
@@ -25,16 +44,91 @@ a new process has taken since: both are refused; delete the file by hand once th
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+from tutor.common import CONFIG_FILE
 from tutor.errors import TutorError, warn
 
 LOCK_FILE = ".tutor.lock"
+ADAPTER_META = "tutor_adapter.json"  # written by convert: base model + template
+MERGED_META = "tutor_model.json"  # written by merge: provenance + the logits check
+SOURCE_FILE = "source.json"  # written last by a bundled model's conversion: the GGUF it read
+METRICS_FILE = "metrics.jsonl"  # a run's training and validation logs, one JSON object a line
+LOSS_PLOT = "loss.png"  # a run's loss curves
+PROGRESS_FILE = "tutor_progress.json"  # token totals inside each checkpoint dir
+GGUF_SYSTEM_KEY = "tutor.system"  # GGUF metadata: the recipe's system prompt, when it set one
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file tutor or peft wrote; a damaged one is a one-line `TutorError` naming it."""
+    try:  # utf-8-sig: a file saved by an editor that writes a BOM reads the same
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as exc:
+        raise TutorError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+
+
+def write_record(folder: Path, name: str, meta: dict[str, Any]) -> Path:
+    """Write `meta` as `folder/name` (``ADAPTER_META``, ``MERGED_META``, ``SOURCE_FILE``):
+    indented JSON, one trailing newline. Callers write into a temporary directory that is
+    renamed into place, so no half-written record is ever seen."""
+    path = Path(folder) / name
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def recorded_config(checkpoint: Path) -> dict[str, Any]:
+    """The `tutor_config.yaml` of a checkpoint (or of its parent run directory), or {}."""
+    import yaml
+
+    for folder in (checkpoint, checkpoint.parent):
+        path = folder / CONFIG_FILE
+        if path.is_file():
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise TutorError(f"{path}: not valid YAML ({exc})") from exc
+            if not isinstance(data, dict):
+                raise TutorError(f"{path}: expected a mapping of config keys")
+            return data
+    return {}
+
+
+def recorded(path: str | Path, key: str) -> Any:
+    """`key` from the tutor metadata of an adapter or merged directory, else from the
+    `tutor_config.yaml` of a run or checkpoint directory, else None."""
+    for name in (ADAPTER_META, MERGED_META):
+        meta = Path(path) / name
+        if meta.is_file():
+            return read_json(meta).get(key)
+    return recorded_config(Path(path)).get(key) if Path(path).is_dir() else None
+
+
+def pick_template(model: str, adapter: str | None, requested: str | None) -> str:
+    """The chat template to use: --prompt-template, else the one recorded at training
+    (adapter dir, then merged model dir), else "auto" (the tokenizer's own)."""
+    if requested:
+        return requested
+    for folder in (adapter, model):
+        if folder and Path(folder).is_dir() and recorded(folder, "template"):
+            return str(recorded(folder, "template"))
+    return "auto"
+
+
+def recorded_system(model: str, adapter: str | None) -> str | None:
+    """The recipe's ``system:`` recorded at training (adapter dir, then model dir: tutor's
+    metadata or a run's tutor_config.yaml), else None. A GGUF file's own is read by
+    `tutor.chat.load.pick_system`."""
+    for folder in (adapter, model):
+        if folder and Path(folder).is_dir() and recorded(folder, "system") is not None:
+            return str(recorded(folder, "system"))
+    return None
 
 
 def check_writable(output_dir: str | os.PathLike[str]) -> None:

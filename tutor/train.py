@@ -17,7 +17,7 @@ unchanged (tests/test_train.py, tests/test_chunked_loss.py compare it with the m
 
 Validation (``data.validation``: a file, or a seeded fraction of each dataset held out
 before packing) is packed and collated like the training data and evaluated by Trainer's
-own loop (`tutor.validation`): ``eval_loss`` before training, every ``train.eval_steps``
+own loop (`tutor.trainer`): ``eval_loss`` before training, every ``train.eval_steps``
 and at the end, in metrics.jsonl and loss.png beside the training loss.
 
 Preference tuning (``method: dpo | orpo``) takes the same road with pair files: the
@@ -41,10 +41,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tutor.attention import SDPA_VARLEN, register
+from tutor.checkpoints import newest_resumable
+from tutor.chunked_loss import output_head
 from tutor.common import CONFIG_FILE, apply_umask
+from tutor.data import encode_dataset, load_conversations, with_system
 from tutor.errors import TutorError, warn
-from tutor.models import lora_base_dtype, resolve_precision  # noqa: F401 (tutor.train API)
+from tutor.measure import optimizer_held_bytes
+from tutor.models import load, load_tokenizer, lora_base_dtype, resolve, resolve_precision  # noqa: F401 (tutor.train API)
+from tutor.packing import SHARE_BACKENDS, PackCollator, PackedDataset
 from tutor.recipe_data import check_max_length, split_datasets, weighted
+from tutor.runs import check_writable, claim_output_dir
 from tutor.train_config import (
     TrainConfig,
     deepspeed_json,
@@ -70,8 +77,6 @@ def resolve_attention(choice: str) -> str:
 
     import torch
 
-    from tutor.attention import SDPA_VARLEN, register
-
     if choice == "auto":
         flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
         choice = "flash_attention_2" if flash else SDPA_VARLEN
@@ -87,8 +92,6 @@ def build_model(cfg: TrainConfig, precision: str | None = None) -> tuple[Any, An
     copy is needed for weights that never change); adapters stay fp32 (peft's default),
     which autocast mixes in. A full fine-tune keeps fp32 master weights.
     """
-    from tutor.models import load
-
     precision = precision or resolve_precision(cfg.train.precision)
     dtype = lora_base_dtype(precision) if cfg.lora is not None else "float32"
     model, tokenizer = load(cfg.model, bits=cfg.bits, dtype=dtype)
@@ -169,8 +172,6 @@ def _skeleton(model_name: str) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tutor.models import resolve
-
     try:
         config = AutoConfig.from_pretrained(resolve(model_name))
         with torch.device("meta"):
@@ -202,8 +203,6 @@ def load_samples(
     Returns the samples (``input_ids``/``labels`` lists) and one EncodeReport per file.
     """
     from datasets import Dataset
-
-    from tutor.data import encode_dataset, load_conversations, with_system
 
     check_max_length(cfg, tokenizer)
     rng = random.Random(cfg.train.seed)
@@ -240,8 +239,6 @@ def build_dataset(cfg: TrainConfig, tokenizer: Any, attn_implementation: str = "
     loss is computed exactly like the training loss. `mask_dtype` is the model's (for eager's
     additive mask). The validation dataset is None when the recipe has no ``data.validation``.
     """
-    from tutor.packing import SHARE_BACKENDS, PackCollator, PackedDataset
-
     samples, reports = load_samples(cfg, tokenizer, split)
     if not samples:
         dataset: Any = None
@@ -297,8 +294,6 @@ def resolve_chunked_loss(cfg: TrainConfig, model: Any = None, zero3: bool = Fals
     loss (3.9244 after 6 steps). Hence chunks of 256 rows by default.
     On 7B-class vocabularies the logits are the largest activation (tutor.memory).
     """
-    from tutor.chunked_loss import output_head
-
     choice = cfg.train.chunked_loss
     if choice is False:
         return None
@@ -321,7 +316,7 @@ def training_arguments(cfg: TrainConfig, precision: str, deepspeed: str | None =
     """Map the recipe onto `transformers.TrainingArguments` (the one place that does).
 
     `validate`: there is a validation set; evaluate it before training and every
-    ``train.eval_steps`` (`tutor.validation.EvaluateAtEnd` adds the last step).
+    ``train.eval_steps`` (`tutor.trainer.EvaluateAtEnd` adds the last step).
     """
     import torch
     from transformers import TrainingArguments
@@ -388,8 +383,6 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
 def resume_point(output_dir: str | Path) -> tuple[str, int]:
     """(newest finished checkpoint of `output_dir`, its step); says which on rank 0, and
     which newer, damaged ones it skipped (`tutor.checkpoints.newest_resumable`)."""
-    from tutor.checkpoints import newest_resumable
-
     checkpoint, step, skipped = newest_resumable(output_dir)
     if os.environ.get("RANK", "0") == "0":
         for reason in skipped:
@@ -416,8 +409,6 @@ def train(
     `deepspeed` overrides the recipe's (``zero2``, ...); CPU runs need
     ``DS_ACCELERATOR=cpu``, which is set here.
     """
-    from tutor.runs import check_writable, claim_output_dir
-
     if isinstance(cfg, str):
         cfg = load_config(cfg, list(overrides))
     check_writable(cfg.output_dir)  # before anything loads
@@ -428,7 +419,6 @@ def train(
     from transformers import set_seed
 
     set_seed(cfg.train.seed)
-    from tutor.models import load_tokenizer
 
     check_max_length(cfg, load_tokenizer(cfg.model))  # before the model loads and logs
     check_device_options(cfg)
@@ -445,9 +435,9 @@ def train(
 def _train(cfg: TrainConfig, resume: bool, deepspeed: str | None,
            callbacks: Sequence[TrainerCallback]) -> TrainResult:
     """`train` once output_dir is claimed: model, data, Trainer, saved results."""
+    # These import transformers' Trainer (and with it peft and bitsandbytes): only here.
     from tutor.callbacks import EvaluateChatCallback, MetricsCallback, ThroughputCallback
-    from tutor.measure import optimizer_held_bytes
-    from tutor.validation import EvaluateAtEnd
+    from tutor.trainer import EvaluateAtEnd
 
     resume_from, start_step = resume_point(cfg.output_dir) if resume else (None, 0)
     precision = resolve_precision(cfg.train.precision)
@@ -495,10 +485,10 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed: str | None,
 
 
 def make_trainer(cfg: TrainConfig, **kwargs: Any) -> Any:
-    """The Trainer for `cfg.method`: `tutor.validation.ValidationTrainer` (SFT, with the
+    """The Trainer for `cfg.method`: `tutor.trainer.ValidationTrainer` (SFT, with the
     chunked loss where it applies) or `tutor.preference_train.PreferenceTrainer` (dpo, orpo)."""
     if cfg.method == "sft":
-        from tutor.validation import ValidationTrainer
+        from tutor.trainer import ValidationTrainer
 
         zero3 = _zero_stage(kwargs["args"]) == 3
         return ValidationTrainer(loss_chunk=resolve_chunked_loss(cfg, kwargs["model"], zero3),

@@ -37,6 +37,8 @@ from tutor.errors import TutorError
 RECIPES_DIR = Path(__file__).parent / "configs"
 DEEPSPEED_DIR = RECIPES_DIR / "deepspeed"
 DATA_DIR = RECIPES_DIR / "data"  # the data the shipped recipes train on (installed with tutor)
+# The recipe the demo trains, and the course's Pico assistant (notebooks 06-08) with it.
+ASSISTANT_RECIPE = "smollm2_135m_qlora_assistant"
 
 
 @dataclass

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tutor.common import IGNORE_INDEX
+from tutor.packing import seq_lens
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -170,8 +171,6 @@ def plot_packing(results: Packs | Mapping[str, Packs], rows: int = 12) -> Figure
     """
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
-
-    from tutor.packing import seq_lens
 
     named = dict(results) if isinstance(results, Mapping) else {results.strategy: results}
     fig, axes = plt.subplots(len(named), 2, figsize=(11, 2.6 * len(named)), squeeze=False)

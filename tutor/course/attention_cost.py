@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from tutor.attention import SDPA_VARLEN, register
 from tutor.errors import TutorError
+from tutor.measure import peak_tracker
+from tutor.models import ensure_bundled
+from tutor.packing import collate, pack
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -53,10 +56,6 @@ def attention_cost(case: str, seq_len: int, samples: int = 4, config: Any = None
     import torch
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
-
-    from tutor.measure import peak_tracker
-    from tutor.models import ensure_bundled
-    from tutor.packing import collate, pack
 
     if case not in CASES:
         raise TutorError(f"case must be one of {'; '.join(CASES)}, not {case!r}")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tutor.errors import TutorError
+from tutor.models import load, resolve
 
 
 @dataclass(frozen=True)
@@ -123,8 +124,6 @@ def bundled_tokenizer() -> Any:
     """The bundled model's tokenizer (no weights), loaded once per process."""
     from transformers import AutoTokenizer
 
-    from tutor.models import resolve
-
     return AutoTokenizer.from_pretrained(resolve())
 
 
@@ -132,6 +131,4 @@ def bundled_tokenizer() -> Any:
 def bundled_model(bits: int | None = None) -> Any:
     """The bundled model (fp32, or NF4 with `bits=4`), loaded once per process, for checks
     that must run it; callers must not change it (it is shared)."""
-    from tutor.models import load
-
     return load(bits=bits)[0]

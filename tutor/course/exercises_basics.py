@@ -30,11 +30,16 @@ from tutor.course.checks import (
     right,
     wrong,
 )
+from tutor.data import IGNORE_INDEX, encode
+from tutor.datacheck import check_file, quality_pass
+from tutor.formats import iter_conversations
+from tutor.memory import get_arch
+from tutor.models import footprint_bytes, load
+from tutor.templates import get_template, list_templates
+from tutor.train_config import DATA_DIR
 
 
 def _trained(labels: list[int]) -> int:
-    from tutor.data import IGNORE_INDEX
-
     return sum(label != IGNORE_INDEX for label in labels)
 
 
@@ -47,8 +52,6 @@ KV_TOKENS, KV_MEASURED = 2048, 256  # the exercise's conversation; the tokens th
 @exercise("00.1", "predict the bf16 KV cache (MiB) of 2,048 tokens from the config")
 def _kv_cache_mib(answer: Any) -> Verdict:
     import torch
-
-    from tutor.models import load
 
     model, _ = load(dtype="bfloat16")
     ids = torch.arange(1000, 1000 + KV_MEASURED).unsqueeze(0)  # any tokens: the cache's size
@@ -80,9 +83,6 @@ def _kv_cache_mib(answer: Any) -> Verdict:
 def _unquantised_share(answer: Any) -> Verdict:
     import torch
 
-    from tutor.memory import get_arch
-    from tutor.models import footprint_bytes
-
     model = bundled_model(bits=4)
     # bitsandbytes stores NF4 weights as packed uint8; everything else keeps its float dtype
     kept = [p for p in model.parameters() if p.dtype != torch.uint8]
@@ -113,8 +113,6 @@ LLAMA2_CHAT = [{"role": "system", "content": "Be brief."},
 
 @exercise("01.1", "write Llama 2's rendering of a conversation by hand", given=LLAMA2_CHAT)
 def _llama2_by_hand(answer: Any) -> Verdict:
-    from tutor.templates import get_template
-
     expected = get_template("llama2_chat").render(LLAMA2_CHAT)
     text = as_str(answer)
     if text == expected:
@@ -131,8 +129,6 @@ def _llama2_by_hand(answer: Any) -> Verdict:
 def _default_system_tokens() -> tuple[dict[str, int], dict[str, int]]:
     """({template: tokens of its default system turn}, the same in characters) for every named
     template that writes a system turn into a user-only conversation (bundled tokenizer)."""
-    from tutor.templates import get_template, list_templates
-
     only_user = [{"role": "user", "content": "Hi"}]
     texts = {name: "".join(s.text for s in get_template(name).segments(only_user)
                            if s.role == "system") for name in list_templates()[1:]}
@@ -179,8 +175,6 @@ PRETRAIN_TEXT = "LoRA trains two thin matrices and leaves the base frozen."
 
 @exercise("02.1", "trained tokens of a two-turn conversation", given=TWO_TURNS)
 def _trained_two_turns(answer: Any) -> Verdict:
-    from tutor.data import encode
-
     sample = encode(TWO_TURNS, bundled_tokenizer())
     n, total = _trained(sample["labels"]), len(sample["input_ids"])
     last = _trained(encode(TWO_TURNS, bundled_tokenizer(), train_on="last")["labels"])
@@ -198,8 +192,6 @@ def _trained_two_turns(answer: Any) -> Verdict:
 
 @exercise("02.2", "trained tokens of a pretraining sample", given=PRETRAIN_TEXT)
 def _trained_pretraining(answer: Any) -> Verdict:
-    from tutor.data import encode
-
     sample = encode([{"role": "assistant", "content": PRETRAIN_TEXT}], bundled_tokenizer())
     n = _trained(sample["labels"])
     return judge(as_int(answer), n, why=f"every text token plus the closing EOS: {n}",
@@ -213,8 +205,6 @@ def _trained_pretraining(answer: Any) -> Verdict:
 def _losses(messages: list[dict[str, str]], train_on: str = "all") -> tuple[float, float]:
     """(mean loss over the trained tokens, mean loss over every token) of the bundled model."""
     import torch
-
-    from tutor.data import encode
 
     sample = encode(messages, bundled_tokenizer(), train_on=train_on)
     ids, labels = torch.tensor([sample["input_ids"]]), torch.tensor([sample["labels"]])
@@ -269,9 +259,6 @@ EVERYDAY = "everyday_qa.jsonl"  # in tutor/configs/data/
 
 
 def _long_outliers(k: float) -> list[int]:
-    from tutor.datacheck import quality_pass
-    from tutor.train_config import DATA_DIR
-
     report = quality_pass(DATA_DIR / EVERYDAY, bundled_tokenizer(), k=k)
     return sorted(int(where.rsplit(":", 1)[1]) for where, _ in report.long)
 
@@ -293,8 +280,6 @@ def _outliers(answer: Any) -> Verdict:
 
 
 def _check_lines(lines: list[str]) -> Any:
-    from tutor.datacheck import check_file
-
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "mystery.jsonl"
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -316,9 +301,6 @@ def _broken_line(answer: Any) -> Verdict:
 
 @exercise("03.3", "convert a CSV of your own and check it (answer: the .jsonl path)")
 def _own_csv(answer: Any) -> Verdict:
-    from tutor.datacheck import check_file
-    from tutor.formats import iter_conversations
-
     path = Path(answer) if isinstance(answer, (str, Path)) else None
     if path is None or not path.is_file():
         raise Hint("give the path of the .jsonl file that tutor data convert wrote")

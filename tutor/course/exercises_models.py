@@ -14,6 +14,8 @@ import json
 import math
 from typing import Any
 
+from tutor.chat import GenerationSettings, pick_system
+from tutor.common import CONFIG_FILE, IGNORE_INDEX
 from tutor.course.checks import (
     Hint,
     Verdict,
@@ -26,15 +28,23 @@ from tutor.course.checks import (
     right,
     wrong,
 )
+from tutor.course.pico import SCORED, locate, merged, trained
+from tutor.course.sampling import sample_answers
+from tutor.data import with_system
+from tutor.lora import lora_param_count, merge_lora
+from tutor.memory import GIB, KNOWN, Setup, estimate
+from tutor.models import load, lora_base_dtype, resolve_precision
+from tutor.packing import collate, pack
+from tutor.quant import dequantize_nf4, nf4_codebook, quantize_nf4
+from tutor.templates import get_template
+from tutor.train import build_dataset
+from tutor.train_config import ASSISTANT_RECIPE, load_config
 
 # ── 04 LoRA and QLoRA math ────────────────────────────────────────────────────────────
 
 
 @exercise("04.1", "LoRA r=16 trainable numbers on Llama-2-7B (all 7 projections)")
 def _lora_count(answer: Any) -> Verdict:
-    from tutor.lora import lora_param_count
-    from tutor.memory import KNOWN
-
     arch = KNOWN["llama-2-7b"]
     block = [(i, o) for i, o, _ in arch.block_linears()]
     n = lora_param_count(block * arch.num_layers, 16)
@@ -58,8 +68,6 @@ NF4_BLOCK = [0.9, -0.3, 0.12, -2.0, 1.1, 0.5, 0.0, 0.7]
 def _nf4_code(answer: Any) -> Verdict:
     import torch
 
-    from tutor.quant import nf4_codebook, quantize_nf4
-
     i = NF4_BLOCK.index(0.5)
     code = int(quantize_nf4(torch.tensor(NF4_BLOCK)).codes()[i])
     unscaled = int((nf4_codebook() - 0.5).abs().argmin())
@@ -77,8 +85,6 @@ def _nf4_code(answer: Any) -> Verdict:
 
 @exercise("04.3", "the longest sequence at which InternLM2-7B QLoRA fits in 8 GiB")
 def _longest_fit(answer: Any) -> Verdict:
-    from tutor.memory import GIB, KNOWN, Setup, estimate
-
     big, lengths = KNOWN["internlm2-chat-7b"], (512, 1024, 1536, 2048)
     totals = {s: estimate(big, Setup(seq_len=s, optimizer="paged_adamw_8bit")).total / GIB
               for s in lengths}
@@ -108,8 +114,6 @@ def _toy(lengths: list[int]) -> list[dict[str, list[int]]]:
 
 @exercise("05.1", "utilisation of bfd packing at max_length 512", given=PACK_LENGTHS)
 def _bfd_utilisation(answer: Any) -> Verdict:
-    from tutor.packing import pack
-
     bfd = pack(_toy(PACK_LENGTHS), 512, strategy="bfd")
     greedy = pack(_toy(PACK_LENGTHS), 512, strategy="greedy")
     u = bfd.utilisation
@@ -128,8 +132,6 @@ def _bfd_utilisation(answer: Any) -> Verdict:
 @exercise("05.2", "allowed (query, key) pairs in a pack of 5, 1 and 3 tokens",
           given=PACK_PAIRS)
 def _allowed_pairs(answer: Any) -> Verdict:
-    from tutor.packing import collate, pack
-
     row = sum(PACK_PAIRS)
     mask = collate(pack(_toy(PACK_PAIRS), row, strategy="greedy").packs)["attention_mask"]
     n = int(mask.sum())
@@ -150,8 +152,6 @@ MASK_LENGTHS = [2, 4, 3]
           given=MASK_LENGTHS)
 def _block_mask(answer: Any) -> Verdict:
     import torch
-
-    from tutor.packing import collate, pack
 
     row = sum(MASK_LENGTHS)
     want = collate(pack(_toy(MASK_LENGTHS), row, strategy="greedy").packs)["attention_mask"][0, 0]
@@ -184,7 +184,6 @@ def _block_mask(answer: Any) -> Verdict:
 # ── 06 QLoRA training ─────────────────────────────────────────────────────────────────
 
 
-RECIPE = "smollm2_135m_qlora_assistant"
 
 
 def _scale_inputs() -> dict[str, Any]:
@@ -234,16 +233,13 @@ def _lora_scale(answer: Any) -> Verdict:
 
 @exercise("06.2", "optimizer steps of the recipe with data.max_length=256")
 def _recipe_steps(answer: Any) -> Verdict:
-    from tutor.train import build_dataset
-    from tutor.train_config import load_config
-
-    cfg = load_config(RECIPE, ["data.max_length=256"])
+    cfg = load_config(ASSISTANT_RECIPE, ["data.max_length=256"])
     dataset, _, reports = build_dataset(cfg, bundled_tokenizer())
     packs, samples, t = len(dataset), sum(r.kept for r in reports), cfg.train
     # transformers.Trainer: ceil(batches / grad_accum) steps per epoch, ceil(epochs × that)
     per_epoch = math.ceil(math.ceil(packs / t.batch_size) / t.grad_accum)
     steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * per_epoch)
-    shipped = load_config(RECIPE)
+    shipped = load_config(ASSISTANT_RECIPE)
     full = math.ceil(shipped.train.epochs * len(build_dataset(shipped, bundled_tokenizer())[0]))
     return judge(as_int(answer), steps,
                  why=f"{packs} packs of ≤ {cfg.data.max_length} tokens per epoch × "
@@ -262,8 +258,6 @@ def _recipe_steps(answer: Any) -> Verdict:
 
 @exercise("06.3", "change one thing in the recipe: what does it do to the forgetting probe?")
 def _probe_experiment(answer: Any) -> Verdict:
-    from tutor.course.pico import SCORED, locate
-
     if not (isinstance(answer, tuple) and len(answer) == 2):
         raise Hint("answer with a pair: (the list of overrides you trained with, your run's "
                    "probe answer loss minus the shipped recipe's)")
@@ -310,8 +304,6 @@ MERGE_BY_HAND = {"W": [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],  # (out 2, in 3)
 def _merge_by_hand(answer: Any) -> Verdict:
     import torch
 
-    from tutor.lora import merge_lora
-
     g = {k: torch.tensor(v) if isinstance(v, list) else v for k, v in MERGE_BY_HAND.items()}
     merged = merge_lora(g["W"], g["A"], g["B"], g["alpha"], g["r"])
     try:
@@ -342,12 +334,6 @@ def _next_token_flips(prompts: list[str]) -> tuple[int, int]:
     prompt positions)."""
     import torch
     from peft import PeftModel
-
-    from tutor.common import CONFIG_FILE
-    from tutor.course.pico import trained
-    from tutor.data import with_system
-    from tutor.models import load, lora_base_dtype, resolve_precision
-    from tutor.train_config import load_config
 
     pico = trained(echo=lambda _: None)
     cfg = load_config(pico.run / CONFIG_FILE)
@@ -397,8 +383,6 @@ def _nf4_merge_inputs() -> dict[str, Any]:
 
 
 def _nf4_round_trip(x: Any) -> Any:
-    from tutor.quant import dequantize_nf4, quantize_nf4
-
     return dequantize_nf4(quantize_nf4(x))
 
 
@@ -437,9 +421,6 @@ def _answer_loss(template: str, question: str, reference: str) -> float:
     """Mean NLL of `reference` after `question` rendered with `template` (notebook 08)."""
     import torch
 
-    from tutor.common import IGNORE_INDEX
-    from tutor.templates import get_template
-
     tok = bundled_tokenizer()
     prompt = get_template(template, tokenizer=tok).render(
         [{"role": "user", "content": question}], add_generation_prompt=True)
@@ -474,12 +455,6 @@ SAMPLING = {"question": "Give me one tip for learning a new language.", "seeds":
 @exercise("08.2", "distinct answers of Pico sampled at temperature 1.0, top-p 0.8",
           given=SAMPLING)
 def _sampled_answers(answer: Any) -> Verdict:
-    from tutor.chat import GenerationSettings
-    from tutor.chat_repl import pick_system
-    from tutor.course.pico import merged
-    from tutor.course.sampling import sample_answers
-    from tutor.models import load
-
     pico = merged(echo=lambda _: None)
     model, tok = load(pico.merged)
     settings = GenerationSettings(max_new_tokens=SAMPLING["max_new_tokens"],

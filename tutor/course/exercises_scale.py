@@ -20,15 +20,14 @@ from tutor.course.checks import (
     right,
     wrong,
 )
+from tutor.course.zero import Zero, estimate_zero
+from tutor.memory import GIB, KNOWN, Setup
 
 ARCH, GPUS = "internlm2-chat-7b", 16
 
 
 @exercise("09.1", "GiB per GPU: InternLM2-7B full fine-tune, ZeRO-2 on 16 GPUs")
 def _zero2_sixteen(answer: Any) -> Verdict:
-    from tutor.course.zero import Zero, estimate_zero
-    from tutor.memory import GIB, KNOWN, Setup
-
     arch, full = KNOWN[ARCH], Setup(method="full", seq_len=2048, dtype="bfloat16")
 
     def gib(stage: int, gpus: int) -> float:
@@ -51,9 +50,6 @@ BUDGET_GIB = 24  # one RTX 4090 / A10G-class card
 
 @exercise("09.2", "the fewest 24 GiB GPUs on which ZeRO-3 fits the 7B full fine-tune")
 def _fewest_gpus(answer: Any) -> Verdict:
-    from tutor.course.zero import Zero, estimate_zero
-    from tutor.memory import GIB, KNOWN, Setup
-
     arch, full = KNOWN[ARCH], Setup(method="full", seq_len=2048, dtype="bfloat16")
 
     def gib(stage: int, gpus: int) -> float:

@@ -34,7 +34,7 @@ Adding an exercise (for example to notebook 09):
    ``lab.check("09.1", answer_1)`` for each exercise (unsolved, it prints and never raises).
 3. Add nbs/solutions/09_<name>.ipynb: only the setup the exercises need, the solved cells and a
    last cell ``assert lab.check("09.1", answer_1)``; execute both with tools/run_notebooks.py.
-4. Add a right and a typical wrong answer to the table in tests/test_lab.py.
+4. Add a right and a typical wrong answer to the table in tests/course/test_lab.py.
 
 Not handled: scores or partial credit, time limits on a single check, and exercises whose
 answer cannot be compared with a value (a plot); a check says which type it expects.

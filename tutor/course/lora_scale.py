@@ -3,7 +3,7 @@
 `update_size` fits one `tutor.lora.LoRALinear` to a target change of a layer's outputs with
 AdamW and returns ‖scale·B·A‖ / ‖ΔW‖ — the size of the update it learned, relative to the full
 update it imitates. Comparing ranks at one learning rate shows what α/r and rsLoRA's α/√r do;
-`lora_scale` gives either factor, as peft computes it (tests/test_course_helpers.py).
+`lora_scale` gives either factor, as peft computes it (tests/course/test_course_helpers.py).
 
 Not handled: dropout, weight decay, other optimizers, and fitting anything but a mean squared
 error on the given inputs.

@@ -32,8 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from tutor.common import CONFIG_FILE, atomic_dir, atomic_write
+from tutor.demo import IDENTITY
+from tutor.eval import FileScore, load_items, score_files, score_items
+from tutor.merge import convert_checkpoint, merge
+from tutor.models import load, tutor_home
+from tutor.templates import get_template
+from tutor.train import last_checkpoint, train
+from tutor.train_config import ASSISTANT_RECIPE, load_config, resolve_data_path, to_yaml
 
-RECIPE = "smollm2_135m_qlora_assistant"
 RESULT_FILE = "result.json"  # global_step, metrics and seconds of the cached training run
 # What the notebooks show themselves (answers, scores) is not also asked during training, and
 # the log lines replace the progress bar; none of these changes the weights, so not the key.
@@ -87,31 +93,23 @@ def digest(texts: Sequence[str], files: Sequence[str | Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def run_key(recipe: str = RECIPE, overrides: Sequence[str] = ()) -> str:
+def run_key(recipe: str = ASSISTANT_RECIPE, overrides: Sequence[str] = ()) -> str:
     """16 hex digits naming the weights that `recipe` + `overrides` produce here."""
-    from tutor.train_config import load_config, resolve_data_path, to_yaml
-
     cfg = load_config(recipe, [*overrides, "output_dir=."])
     return digest([to_yaml(cfg)], [resolve_data_path(s.path) for s in cfg.data.datasets])
 
 
-def locate(recipe: str = RECIPE, overrides: Sequence[str] = ()) -> Pico:
+def locate(recipe: str = ASSISTANT_RECIPE, overrides: Sequence[str] = ()) -> Pico:
     """The cache folder of `recipe` + `overrides` (nothing is trained or created)."""
-    from tutor.models import tutor_home
-    from tutor.train_config import load_config
-
     base = load_config(recipe, list(overrides)).model
     return Pico(tutor_home() / "runs" / f"{recipe}-{run_key(recipe, overrides)}", recipe, base)
 
 
-def trained(recipe: str = RECIPE, overrides: Sequence[str] = (), echo=print) -> Pico:
+def trained(recipe: str = ASSISTANT_RECIPE, overrides: Sequence[str] = (), echo=print) -> Pico:
     """Pico with its training run done: from the cache, or trained now (minutes) and cached.
 
     `echo` gets one line saying which, with the training time.
     """
-    from tutor.train import train
-    from tutor.train_config import load_config
-
     pico = locate(recipe, overrides)
     if (pico.run / RESULT_FILE).is_file():
         took = pico.result()["seconds"]
@@ -137,9 +135,6 @@ def merged(pico: Pico | None = None, echo=print) -> Pico:
     The same two calls as ``tutor convert`` and ``tutor merge`` (notebook 07 makes them
     itself); the merge checks the merged logits against base + adapter before it writes.
     """
-    from tutor.merge import convert_checkpoint, merge
-    from tutor.train import last_checkpoint
-
     pico = pico or trained(echo=echo)
     if not pico.adapter.is_dir():
         convert_checkpoint(last_checkpoint(pico.run) or pico.run, pico.adapter)
@@ -159,9 +154,6 @@ def scored(pico: Pico | None = None, echo=print) -> dict[str, dict[str, dict[str
     same base shares it). An identity mention in a probe answer is over-reach: the fine-tune
     answering a question it was never about.
     """
-    from tutor.models import load
-    from tutor.train_config import load_config, resolve_data_path
-
     pico = pico or trained(echo=echo)
     cached = pico.root / "scores.json"
     if cached.is_file():
@@ -188,8 +180,6 @@ def scored(pico: Pico | None = None, echo=print) -> dict[str, dict[str, dict[str
 def score(model: Any, tokenizer: Any, pico: Pico) -> dict[str, dict[str, Any]]:
     """`scored`'s numbers for any `model` (notebook 07 compares merges with the trained
     model): `SCORED` asked with the run's template and system prompt, not cached."""
-    from tutor.train_config import load_config, resolve_data_path
-
     cfg = load_config(pico.run / CONFIG_FILE)
     return _score(model, tokenizer, cfg.template, [resolve_data_path(p) for p in SCORED],
                   cfg.system)
@@ -200,10 +190,6 @@ def answer_losses(model: Any, tokenizer: Any, pico: Pico) -> dict[str, float]:
     with the run's template and system prompt: the scorer's loss column without its greedy
     answers (seconds, so notebook 06 can score every kept checkpoint)."""
     from dataclasses import replace
-
-    from tutor.eval import FileScore, load_items, score_items
-    from tutor.templates import get_template
-    from tutor.train_config import load_config, resolve_data_path
 
     cfg = load_config(pico.run / CONFIG_FILE)
     template = get_template(cfg.template, tokenizer=tokenizer)
@@ -221,10 +207,6 @@ def prompt_logits(model: Any, tokenizer: Any, pico: Pico) -> Any:
     models on them."""
     import torch
 
-    from tutor.eval import load_items
-    from tutor.templates import get_template
-    from tutor.train_config import load_config, resolve_data_path
-
     cfg = load_config(pico.run / CONFIG_FILE)
     template = get_template(cfg.template, tokenizer=tokenizer)
     rows = []
@@ -239,9 +221,6 @@ def prompt_logits(model: Any, tokenizer: Any, pico: Pico) -> Any:
 
 def _score(model: Any, tokenizer: Any, template: str, paths: Sequence[str],
            system: str | None) -> dict[str, Any]:
-    from tutor.demo import IDENTITY
-    from tutor.eval import score_files
-
     files = score_files(model, tokenizer, template, paths, SCORE_TOKENS, system=system)
     return {name: {**f.to_json(), "identity_mentions": f.mentions(IDENTITY)}
             for name, f in zip(SCORED, files, strict=True)}

@@ -16,7 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tutor.chat import GenerationSettings
+from tutor.chat import GenerationSettings, generate
+from tutor.data import with_system
+from tutor.templates import get_template
 
 
 def sample_answers(model: Any, tokenizer: Any, question: str, settings: GenerationSettings,
@@ -24,10 +26,6 @@ def sample_answers(model: Any, tokenizer: Any, question: str, settings: Generati
                    system: str | None = None) -> list[str]:
     """One answer to `question` per seed (``torch.manual_seed(seed)`` before each)."""
     import torch
-
-    from tutor.chat import generate
-    from tutor.data import with_system
-    from tutor.templates import get_template
 
     chat = get_template(template, tokenizer=tokenizer)
     prompt = chat.render(with_system([{"role": "user", "content": question}], system),

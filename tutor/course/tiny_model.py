@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from tutor.models import ensure_bundled
-from tutor.quiet import no_progress_bars
+from tutor.offline import no_progress_bars
 
 
 def tiny_llama(path: str | os.PathLike[str], hidden: int = 64, layers: int = 2,

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 
 from tutor.errors import TutorError
 from tutor.memory import DTYPE_BYTES, GIB, Arch, Estimate, Setup, estimate, trainable
+from tutor.train_config import deepspeed_json
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -80,8 +81,6 @@ class Zero:
     @classmethod
     def from_deepspeed(cls, name_or_path: str, gpus: int) -> Zero:
         """The layout a DeepSpeed JSON asks for (a shipped name such as ``zero3_offload``)."""
-        from tutor.train_config import deepspeed_json
-
         path = deepspeed_json(name_or_path)
         try:
             zero = json.loads(Path(path).read_text())["zero_optimization"]

@@ -54,7 +54,7 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted(p.name for p in (ROOT / "nbs").glob("*.ipynb"))
 SHOTS = ROOT / "work_dirs" / "browser"
 CHROMIUM = shutil.which("chromium")  # Debian's /usr/bin/chromium

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tutor.common import atomic_write
 from tutor.errors import TutorError
 
 MODELFILE = "Modelfile"
@@ -197,8 +198,6 @@ def modelfile_text(gguf_name: str, template: Any, system: str | None = None) -> 
 
 def write_modelfile(gguf_path: str | Path, template: Any, system: str | None = None) -> Path:
     """Write `Modelfile` beside `gguf_path` (atomically); return its path."""
-    from tutor.common import atomic_write
-
     gguf_path = Path(gguf_path)
     out = gguf_path.parent / MODELFILE
     atomic_write(out, modelfile_text(gguf_path.name, template, system))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-NBS = Path(__file__).resolve().parent.parent / "nbs"
+NBS = Path(__file__).resolve().parents[2] / "nbs"
 NOTEBOOKS = sorted(NBS.glob("**/*.ipynb"))
 MAX_OUTPUT_BYTES = 300_000  # one figure at 100 dpi is ~30–80 kB; anything larger is noise
 MAX_NOTEBOOK_BYTES = 2_000_000

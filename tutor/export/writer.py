@@ -19,11 +19,11 @@ Types: f16, bf16, q8_0 (8-bit blocks of 32), q4_0 (4-bit blocks of 32). In q4_0 
 token embedding (also the output head when tied), ``output.weight``, ``attn_v`` and
 ``ffn_down`` are Q8_0: llama.cpp's own quantizers give the head (Q6_K) and these two
 (Q4_K_M) more bits too, with K-quants gguf-py cannot write. q4_0 is lossy on a 135M
-model: see the measured agreement in `tutor.gguf_check`.
+model: see the measured agreement in `tutor.export.check`.
 
 Not handled: architectures other than Llama (`LlamaForCausalLM`; SmolLM, Llama 2/3 style
 checkpoints with a BPE tokenizer.json), SentencePiece tokenizers, rope scaling other than
-none/linear, K-quants, sharded output. Verification is `tutor.gguf_check`.
+none/linear, K-quants, sharded output. Verification is `tutor.export.check`.
 """
 
 from __future__ import annotations
@@ -34,8 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tutor.common import GGUF_SYSTEM_KEY
+from tutor.common import atomic_file
 from tutor.errors import TutorError
+from tutor.export.check import check_export
+from tutor.export.modelfile import write_modelfile
+from tutor.export.vocab import add_vocab
+from tutor.merge import merge
+from tutor.models import load, resolve
+from tutor.runs import GGUF_SYSTEM_KEY, pick_template, recorded_system
+from tutor.templates import get_template
 
 if TYPE_CHECKING:
     import numpy as np
@@ -62,7 +69,7 @@ class ExportReport:
     fallbacks: list[str] = field(default_factory=list)  # tensors kept F16 (rows ≠ k*block)
     pre_tokenizer: str = ""
     modelfile: str | None = None
-    check: Any = None  # a tutor.gguf_check.CheckReport when verified
+    check: Any = None  # a tutor.export.check.CheckReport when verified
 
     def summary(self) -> str:
         types = ", ".join(f"{n} {t}" for t, n in sorted(self.tensor_types.items()))
@@ -209,8 +216,6 @@ def export_model(model: Any, tokenizer: Any, model_dir: Path, out: Path, kind: s
     """
     import gguf
 
-    from tutor.common import atomic_file
-    from tutor.gguf_vocab import add_vocab
 
     if kind not in TYPES:
         raise TutorError(f"--type must be one of {', '.join(TYPES)}, not '{kind}'")
@@ -252,14 +257,12 @@ def export_gguf(
 
     MODEL: a merged/base directory or the bundled name. With `adapter`, the adapter is
     merged into MODEL in a temporary directory first (`tutor.merge.merge`, verified).
-    `verify` reloads the file with transformers and compares logits (`tutor.gguf_check`);
+    `verify` reloads the file with transformers and compares logits (`tutor.export.check`);
     a file outside the tolerance is deleted and `TutorError` raised. `ollama` writes a
     `Modelfile` beside OUT. `template`: the chat template (default: recorded, else auto).
-    The system prompt recorded at training (`tutor.chat_repl.pick_system`) goes into the
+    The system prompt recorded at training (`tutor.runs.recorded_system`) goes into the
     file's metadata and the Modelfile's SYSTEM line (else the template's default does).
     """
-    from tutor.chat_repl import pick_system, pick_template
-
     out = Path(out)
     if kind not in TYPES:
         raise TutorError(f"--type must be one of {', '.join(TYPES)}, not '{kind}'")
@@ -267,15 +270,13 @@ def export_gguf(
     with tempfile.TemporaryDirectory(prefix=".tutor-export-", dir=out.parent if
                                      out.parent.exists() else None) as work:
         if adapter is not None:
-            from tutor.merge import merge
-
             merged = Path(work) / "merged"
             template = pick_template(model, adapter, template)
             merge(model, adapter, merged)  # records the adapter's system prompt
             model = str(merged)
         return _export_loaded(model, out, kind, ollama, verify,
                               pick_template(model, None, template),
-                              pick_system(model, None, None))
+                              recorded_system(model, None))
 
 
 def _refuse_adapter_as_model(model: str) -> None:
@@ -291,9 +292,6 @@ def _refuse_adapter_as_model(model: str) -> None:
 
 def _export_loaded(model: str, out: Path, kind: str, ollama: bool, verify: bool,
                    template_name: str, system: str | None) -> ExportReport:
-    from tutor.models import load, resolve
-    from tutor.templates import get_template
-
     model_dir = Path(resolve(model))
     config = json.loads((model_dir / "config.json").read_text())
     check_supported(config)  # refuse before loading any weights
@@ -301,15 +299,11 @@ def _export_loaded(model: str, out: Path, kind: str, ollama: bool, verify: bool,
     template = get_template(template_name, tokenizer=tokenizer)
     report = export_model(lm, tokenizer, model_dir, out, kind, template.stop_words, system)
     if verify:
-        from tutor.gguf_check import check_export
-
         try:
             report.check = check_export(lm, tokenizer, out, kind, template)
         except TutorError:
             out.unlink(missing_ok=True)
             raise
     if ollama:
-        from tutor.modelfile import write_modelfile
-
         report.modelfile = str(write_modelfile(out, template, system))
     return report

@@ -16,7 +16,7 @@ dated system header, Gemma 3's system role, Mistral v3's "[INST]" spacing); use
 
 from __future__ import annotations
 
-from tutor.template_base import FormatTemplate, Turn
+from tutor.templates.base import FormatTemplate, Turn
 
 
 def _chatml(name: str, source: str, default_system: str | None = None, bos: str = ""):

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from tutor.errors import TutorError
+from tutor.offline import no_progress_bars
 
 TOLERANCE = {"f16": 0.1, "bf16": 0.6, "q8_0": 2.5, "q4_0": 25.0}
 MIN_AGREEMENT = {"f16": 0.98, "bf16": 0.97, "q8_0": 0.92, "q4_0": 0.65}
@@ -153,8 +154,6 @@ def load_gguf(path: str | Path) -> tuple[Any, Any]:
     """(model fp32 eval, tokenizer) from a GGUF file via transformers (dequantised)."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from tutor.quiet import no_progress_bars
 
     tokenizer = gguf_tokenizer(path)
     with _alone(Path(path)) as link, no_progress_bars():

@@ -1,8 +1,9 @@
 """The building blocks of a chat template: `Segment`, `Turn`, `ChatTemplate`, `FormatTemplate`.
 
 `tutor.templates` explains what a template is and hands out the named ones; this module holds
-the classes that `tutor.template_families` (the named families, as data) and
-`tutor.autotemplate` (a tokenizer's own Jinja) are built from, so neither needs the registry.
+the classes that `tutor.templates.families` (the named families, as data) and
+`tutor.templates.tokenizer_template` (a tokenizer's own Jinja) are built from, so neither
+needs the lookup by name (`tutor.templates.lookup`).
 
 Not handled: tool calls, multimodal content, reasoning fields, system messages anywhere but
 first.

@@ -2,7 +2,7 @@
 
 A GGUF file runs in llama.cpp's own CPU kernels (quantised matmuls, no dequantising per
 token), which is where an exported model is fast on a laptop. This module is a decoding
-backend for `tutor.chat.ChatSession`: the session, its template (the same
+backend for `tutor.chat.session.ChatSession`: the session, its template (the same
 `tutor.templates` template, rendered in Python), history, trimming, `/reset`,
 streaming and stop words are unchanged; only the token loop runs in llama.cpp.
 
@@ -23,8 +23,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tutor.chat import Generation, GenerationSettings, TextCallback, _StopWordFilter
+from tutor.chat.session import (
+    ChatSession,
+    Generation,
+    GenerationSettings,
+    StopWordFilter,
+    TextCallback,
+)
 from tutor.errors import TutorError
+from tutor.export.check import check_gguf, gguf_tokenizer
+from tutor.templates import get_template
 
 INSTALL = "pip install 'tutor[llamacpp]'  (llama-cpp-python, compiles for a few minutes)"
 
@@ -38,8 +46,6 @@ def available() -> bool:
 
 def open_llama(path: str | Path, n_ctx: int = 4096, threads: int | None = None) -> Any:
     """A `llama_cpp.Llama` for GGUF `path` (CPU, quiet)."""
-    from tutor.gguf_check import check_gguf
-
     check_gguf(path)  # llama.cpp's own failure names no file and no cause
     if not available():
         raise TutorError(f"chatting through llama.cpp needs llama-cpp-python: {INSTALL}")
@@ -77,7 +83,7 @@ def generate(llm: Any, tokenizer: Any, prompt_ids: list[int],
     """Continue `prompt_ids` in llama.cpp until a stop; same contract as `tutor.chat.generate`."""
     settings = settings or GenerationSettings()
     settings.generate_kwargs()  # validates the numbers
-    stops, filt = stop_ids(llm, stop_words), _StopWordFilter(stop_words, on_text)
+    stops, filt = stop_ids(llm, stop_words), StopWordFilter(stop_words, on_text)
     llm.reset()
     sample = ({"temp": settings.temperature, "top_p": settings.top_p}
               if settings.temperature > 0 else {"temp": 0.0, "top_k": 1})
@@ -105,20 +111,15 @@ def generate(llm: Any, tokenizer: Any, prompt_ids: list[int],
     return Generation(filt.text.strip(), len(new), len(prompt_ids), seconds, stopped_by)
 
 
-def open_session(path: str | Path, template: str = "auto", system: str | None = None,
+def gguf_session(path: str | Path, template: str = "auto", system: str | None = None,
                  settings: GenerationSettings | None = None, n_ctx: int = 4096) -> Any:
     """A `ChatSession` over GGUF `path` decoding in llama.cpp.
 
     The chat template is read from the same file by transformers (``template="auto"``:
     the Jinja stored in the GGUF), so both backends format a conversation identically.
     """
-    from tutor.chat import ChatSession
-    from tutor.templates import get_template
-
     llm = open_llama(path, n_ctx)
     if template == "auto":
-        from tutor.gguf_check import gguf_tokenizer
-
         chat_template = get_template("auto", tokenizer=gguf_tokenizer(path))
     else:
         chat_template = get_template(template)

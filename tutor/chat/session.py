@@ -4,7 +4,7 @@ A `ChatSession` keeps the conversation, renders it with a chat template (the one
 model was trained with: `tutor.templates`), trims the oldest turns when the prompt
 would not fit the context window, decodes with `model.generate` (greedy by default,
 so answers are reproducible) and stops at the template's end-of-turn words. Text can
-be streamed to a callback as it is generated; the terminal loop (`tutor.chat_repl`)
+be streamed to a callback as it is generated; the terminal loop (`tutor.chat.repl`)
 and the notebook widget (`tutor.course.chat_widget`) are thin layers over the same session.
 
 `reply()` / `ask()` are the one-shot helpers used by the quickstart and the demo.
@@ -23,11 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 from tutor.common import Message
 from tutor.errors import TutorError
+from tutor.templates import ChatTemplate, get_template
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-    from tutor.templates import ChatTemplate
 
 TextCallback = Callable[[str], None]
 
@@ -86,7 +85,7 @@ class Generation:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
 
 
-class _StopWordFilter:
+class StopWordFilter:
     """Pass streamed text on, holding back anything that may be the start of a stop word.
 
     Stop words that are special tokens never reach the text (they are skipped when
@@ -129,7 +128,7 @@ class _StopWordFilter:
         return best
 
 
-def _streamer(tokenizer: PreTrainedTokenizerBase, filt: _StopWordFilter) -> Any:
+def _streamer(tokenizer: PreTrainedTokenizerBase, filt: StopWordFilter) -> Any:
     """A transformers `TextStreamer` whose finished pieces go into `filt`, not stdout."""
     from transformers import TextStreamer
 
@@ -170,7 +169,7 @@ def generate(
     stops = stop_token_ids(tokenizer, stop_words)
     texts = [w for w in stop_words if len(tokenizer.encode(w, add_special_tokens=False)) > 1]
     extra = {"stop_strings": texts, "tokenizer": tokenizer} if texts else {}
-    filt = _StopWordFilter(stop_words, on_text)
+    filt = StopWordFilter(stop_words, on_text)
     input_ids = torch.tensor([prompt_ids], device=model.device)  # (1, T)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -220,12 +219,10 @@ class ChatSession:
     trimmed: int = 0  # messages dropped from the front of `history` so far
     last: Generation | None = None
     # The token loop: `generate` (transformers) or another backend with the same signature
-    # (tutor.chat_llamacpp.generate runs a GGUF file in llama.cpp).
+    # (tutor.chat.llamacpp.generate runs a GGUF file in llama.cpp).
     decoder: Callable[..., Generation] | None = None
 
     def __post_init__(self) -> None:
-        from tutor.templates import get_template
-
         if isinstance(self.template, str):
             self.template = get_template(self.template, tokenizer=self.tokenizer)
         if self.context_window is None:
@@ -288,8 +285,6 @@ def reply(
     Greedy (no sampling) so that the same model always gives the same answer: tests
     and notebooks can compare answers before and after fine-tuning.
     """
-    from tutor.templates import get_template
-
     if isinstance(template, str):
         template = get_template(template, tokenizer=tokenizer)
     text = template.render(messages, add_generation_prompt=True)
@@ -318,8 +313,6 @@ def reply_batch(
     """
     import torch
 
-    from tutor.templates import get_template
-
     if isinstance(template, str):
         template = get_template(template, tokenizer=tokenizer)
     stops = stop_token_ids(tokenizer, template.stop_words)
@@ -340,7 +333,7 @@ def reply_batch(
                                  do_sample=False)
         for row in out[:, width:].tolist():  # (B, T_new): rows that ended early are padded
             end = next((i for i, t in enumerate(row) if t in stops), len(row))
-            filt = _StopWordFilter(template.stop_words, None)
+            filt = StopWordFilter(template.stop_words, None)
             filt.feed(tokenizer.decode(row[:end], skip_special_tokens=True), final=True)
             answers.append(filt.text.strip())
     return answers

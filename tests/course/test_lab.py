@@ -20,7 +20,7 @@ from tutor.course import lab
 from tutor.course.checks import Hint, choice
 from tutor.errors import TutorError
 
-NBS = Path(__file__).resolve().parent.parent / "nbs"
+NBS = Path(__file__).resolve().parents[2] / "nbs"
 LLAMA2 = "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi! [/INST] Hello. </s>"
 
 # The pack of 2, 4 and 3 tokens of 05.3, written out: a causal triangle per sample
@@ -177,8 +177,7 @@ def test_pico_experiments_07_2_and_08_2(capsys):
 
 def _distinct_sampled() -> int:
     """08.2 worked as the solution notebook does."""
-    from tutor.chat import GenerationSettings
-    from tutor.chat_repl import pick_system
+    from tutor.chat import GenerationSettings, pick_system
     from tutor.course import exercises_models as ex
     from tutor.course.pico import merged
     from tutor.course.sampling import sample_answers

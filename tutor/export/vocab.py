@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from tutor.errors import TutorError
+from tutor.models import BUNDLED, bundled_gguf_path
+from tutor.runs import SOURCE_FILE, recorded
 
 KNOWN_PRE = ("gpt-2", "smollm")
 
@@ -83,18 +85,15 @@ def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str | None:
 
 def source_gguf(model_dir: Path) -> Path | None:
     """The GGUF a model directory was converted from (directly or via its merge base)."""
-    from tutor.merge import recorded
-    from tutor.models import BUNDLED, bundled_gguf_path
-
     for folder in (model_dir, None):
         if folder is None:
             base = recorded(model_dir, "base_model")
             if base in BUNDLED:
                 return bundled_gguf_path(base)
-            if not base or not (Path(str(base)) / "source.json").is_file():
+            if not base or not (Path(str(base)) / SOURCE_FILE).is_file():
                 return None
             folder = Path(str(base))
-        meta = folder / "source.json"
+        meta = folder / SOURCE_FILE
         if meta.is_file():
             gguf = json.loads(meta.read_text()).get("gguf")
             return Path(gguf) if gguf and Path(gguf).is_file() else None

@@ -1,4 +1,8 @@
-"""Validation loss during training, with transformers.Trainer's own evaluation loop.
+"""The Trainer that trains: tutor's training loss, and validation loss in Trainer's own loop.
+
+`ValidationTrainer` is the one `transformers.Trainer` subclass. Its training loss is the
+model's own, or with ``train.loss_chunk`` the chunked loss of `tutor.chunked_loss` (answers
+only, without [tokens, vocab] logits).
 
 The validation split (`tutor.train.load_samples(cfg, tok, "validation")`: a file, or
 conversations held out of the training data before packing) is packed like the training
@@ -15,8 +19,8 @@ Two details Trainer cannot know about:
 - Trainer switches the model to eval mode. A bitsandbytes 4-bit layer in eval mode on a
   CPU with AVX512-BF16 repacks its weight into an inference-only layout with no backward,
   so training after the evaluation would get no gradient through the frozen base;
-  `keep_4bit_trainable` puts those layers back in train mode (it changes nothing else
-  about them: they have no dropout).
+  `tutor.models.keep_4bit_trainable` puts those layers back in train mode (it changes
+  nothing else about them: they have no dropout).
 
 Not handled: keeping the best checkpoint by validation loss (the curve in metrics.jsonl
 and loss.png shows where it was; `save.steps` keeps the checkpoints to choose from),
@@ -28,15 +32,10 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import Trainer, TrainerCallback
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-
-def keep_4bit_trainable(model: Any, training: bool = True) -> None:
-    """Set bitsandbytes' own Linear4bit layers (not peft's wrappers) to `training` mode."""
-    for module in model.modules():
-        if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith(
-            "bitsandbytes"
-        ):  # not peft's lora.Linear4bit wrapper, whose dropout must follow model.eval()
-            module.train(training)
+from tutor.chunked_loss import causal_lm_loss
+from tutor.models import keep_4bit_trainable
 
 
 class ValidationTrainer(Trainer):
@@ -57,10 +56,6 @@ class ValidationTrainer(Trainer):
                      num_items_in_batch: Any = None) -> Any:
         if self.loss_chunk is None or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
-        from tutor.chunked_loss import causal_lm_loss
-
         # Trainer's own rules, as for a model that takes num_items_in_batch: the loss is
         # sum / num_items_in_batch (then already scaled for gradient accumulation), and
         # multiplied back by the processes when tokens are averaged across devices.

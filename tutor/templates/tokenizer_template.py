@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from tutor.common import Message
 from tutor.errors import TutorError
-from tutor.template_base import ChatTemplate, Segment, check_messages
+from tutor.templates.base import ChatTemplate, Segment, check_messages
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
