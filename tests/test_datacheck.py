@@ -159,11 +159,11 @@ def test_show_pairs_prints_the_prompt_once_and_both_answers(capsys):
     assert main(["data", "show", str(DATA / "pico_pairs.jsonl"), "-n", "1",
                  "--color", "never"]) == 0
     out = capsys.readouterr().out
-    assert out.count("Who made this assistant?") == 1
-    assert "── chosen: 14 more tokens, 12 trained ──\n⏎\n⟦The Tutor Lab made me; I'm Pico." \
-           "<|im_end|>⟧⏎\n" in out
-    assert "── rejected: 16 more tokens, 14 trained ──\n⏎\n⟦I'm Pico, and I was made by " \
-           "OpenAI.<|im_end|>⟧⏎\n" in out
+    assert out.count("How long ago did I start this chat?") == 1
+    assert "── chosen: 21 more tokens, 19 trained ──\n⏎\n⟦I can't measure time, so I don't know " \
+           "how long this chat has lasted.<|im_end|>⟧⏎\n" in out
+    assert "── rejected: 12 more tokens, 10 trained ──\n⏎\n⟦You started this chat about twelve " \
+           "minutes ago.<|im_end|>⟧⏎\n" in out
 
 
 def test_convert_pairs_writes_message_lists(tmp_path, capsys):
