@@ -240,12 +240,13 @@ def test_trainer_steps_with_packing_equal_the_unchunked_run(tmp_path, monkeypatc
     same losses, eval losses and adapter weights whether the loss is chunked or not."""
     from transformers import TrainingArguments
 
-    import tutor.chunked_loss
+    import tutor.trainer
     from tutor.trainer import ValidationTrainer
 
     calls = []
-    real = tutor.chunked_loss.causal_lm_loss
-    monkeypatch.setattr(tutor.chunked_loss, "causal_lm_loss",
+    real = tutor.trainer.causal_lm_loss
+    # patched where the Trainer looks it up (tutor.trainer imports it at module top)
+    monkeypatch.setattr(tutor.trainer, "causal_lm_loss",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
 
     def run(chunk):

@@ -416,7 +416,7 @@ def test_lora_target_modules_that_do_not_exist_fail_before_loading(tiny, tmp_pat
 
 def test_an_unwritable_output_dir_fails_before_the_model_or_data_load(tmp_path, monkeypatch,
                                                                       capsys):
-    import tutor.models
+    import tutor.train
     from tutor.cli import main
 
     readonly = tmp_path / "ro"
@@ -424,7 +424,9 @@ def test_an_unwritable_output_dir_fails_before_the_model_or_data_load(tmp_path, 
     readonly.chmod(0o555)
     real = os.access  # root passes every permission check: answer as for a user
     monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != readonly and real(p, mode))
-    monkeypatch.setattr(tutor.models, "load_tokenizer", lambda *a: pytest.fail("loaded"))
+    # patched where train() looks them up (tutor.train imports them at module top)
+    for name in ("load_tokenizer", "load"):
+        monkeypatch.setattr(tutor.train, name, lambda *a, **k: pytest.fail("loaded"))
     cfg = recipe(tmp_path, Path("smollm2-135m-instruct"), output_dir=str(readonly / "run"))
     assert main(["train", str(cfg)]) == 2
     assert capsys.readouterr().err == (f"tutor: error: output_dir: cannot write to {readonly} "
