@@ -111,6 +111,21 @@ def judge(answer: float, expected: float, why: str, hint: str,
     return next((wrong(text) for value, text in mistakes if near(answer, value)), wrong(hint))
 
 
+def not_a_change(overrides: Any, example: str, same_run: Callable[[list[str]], bool],
+                 ) -> Verdict | None:
+    """The hint for an experiment's list of recipe overrides that changes nothing (not a
+    non-empty list of "key=value" strings, or `same_run(overrides)`: the shipped run's cache
+    key); None when it is a change. `example` is one override to show."""
+    if not (isinstance(overrides, list) and overrides and all(isinstance(o, str) and "=" in o
+                                                               for o in overrides)):
+        return wrong(f"the first item is the list of overrides you changed, e.g. ['{example}']: "
+                     "one change at least, or there is nothing to compare")
+    if same_run(overrides):
+        return wrong(f"{overrides} trains the same weights as the shipped recipe (same cache "
+                     "key): change a value, not just restate it")
+    return None
+
+
 def choice(answer: Any, correct: str, why: str, hints: dict[str, str]) -> Verdict:
     """A multiple-choice answer: one letter; each wrong letter has its own hint."""
     letter = as_str(answer, "one letter").strip().strip("()").lower()

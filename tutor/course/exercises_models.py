@@ -25,6 +25,7 @@ from tutor.course.checks import (
     bundled_tokenizer,
     exercise,
     judge,
+    not_a_change,
     right,
     wrong,
 )
@@ -262,14 +263,11 @@ def _probe_experiment(answer: Any) -> Verdict:
         raise Hint("answer with a pair: (the list of overrides you trained with, your run's "
                    "probe answer loss minus the shipped recipe's)")
     overrides, change = answer
-    if not (isinstance(overrides, list) and overrides and all(isinstance(o, str) and "=" in o
-                                                               for o in overrides)):
-        return wrong("the first item is the list of overrides you changed, e.g. "
-                     "['train.epochs=1']: one change at least, or there is nothing to compare")
+    same = not_a_change(overrides, "train.epochs=1",
+                        lambda o: locate(overrides=o).root == locate().root)
+    if same:
+        return same
     run, shipped = locate(overrides=overrides), locate()
-    if run.root == shipped.root:
-        return wrong(f"{overrides} trains the same weights as the shipped recipe (same cache "
-                     "key): change a value, not just restate it")
     files = {"yours": run.root / "scores.json", "the shipped recipe's": shipped.root /
              "scores.json"}
     for who, path in files.items():

@@ -16,7 +16,7 @@ import math
 from typing import Any
 
 from tutor.course import pico, pico_dpo
-from tutor.course.checks import Hint, Verdict, as_float, exercise, right, wrong
+from tutor.course.checks import Hint, Verdict, as_float, exercise, not_a_change, right, wrong
 
 # Four pairs after some DPO steps: the policy raised three chosen answers and lowered three
 # rejected ones relative to the reference; pair 3 went the wrong way.
@@ -43,13 +43,11 @@ def _beta_run(answer: Any) -> Verdict:
         raise Hint("answer with (the list of overrides you trained with, your run's held-out "
                    "preference accuracy, your run's probe hits)")
     overrides, accuracy, hits = answer
-    if not (isinstance(overrides, list) and overrides and all(isinstance(o, str) and "=" in o
-                                                               for o in overrides)):
-        return wrong("the first item is the list of overrides, e.g. ['preference.beta=0.5']")
+    same = not_a_change(overrides, "preference.beta=0.1",
+                        lambda o: pico_dpo.locate(overrides=o).root == pico_dpo.locate().root)
+    if same:
+        return same
     run, shipped = pico_dpo.locate(overrides=overrides), pico_dpo.locate()
-    if run.root == shipped.root:
-        return wrong(f"{overrides} trains the same weights as the shipped recipe (same cache "
-                     "key): change a value, not just restate it")
     numbers = {}
     for who, r in (("your", run), ("the shipped recipe's", shipped)):
         files = pico_dpo.measured_file(r), r.root / "scores.json"
